@@ -1,0 +1,57 @@
+"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict.
+
+Only the CLI lives here: library classes in the module run as ``__main__`` would fail
+jsonargparse's ``class_path`` subclass checks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
+from jsonargparse import lazy_instance
+
+from eaft_pl.data.base import ChatDataModule
+from eaft_pl.module import EAFTModule
+from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig
+
+__all__ = ["EAFTLightningCLI", "cli_main", "main"]
+
+
+class EAFTLightningCLI(LightningCLI):
+    """LightningCLI whose model and data are any subclass of :class:`EAFTModule` and
+    :class:`ChatDataModule`, selected by ``class_path``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One tokenizer for data and model: the model needs it for the vocabulary size and pad id.
+        parser.link_arguments("data.init_args.tokenizer_name_or_path", "model.init_args.tokenizer_name_or_path")
+
+
+def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:
+    """Entry point of ``eaft-pl``; ``args`` lets tests run the CLI in-process."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    return EAFTLightningCLI(
+        EAFTModule,
+        ChatDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=MLflowSaveConfig,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        trainer_defaults={
+            "default_root_dir": "outputs",
+            "logger": lazy_instance(MLFlowLogger, experiment_name="eaft-pl", tracking_uri=DEFAULT_TRACKING_URI),
+        },
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
+    cli_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

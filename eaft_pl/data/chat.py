@@ -1,0 +1,190 @@
+"""Chat conversations -> token ids and labels that supervise only the assistant's tokens.
+
+The assistant spans are found by rendering growing prefixes of the conversation with the chat
+template, not from ``{% generation %}`` markers, because many real templates (Qwen's among them)
+have none: for the assistant turn ``i``, the text of ``messages[:i]`` with the generation prompt is
+where the answer starts and the text of ``messages[:i+1]`` is where it ends (end-of-turn token
+included, as the reference trainers do). Character spans are mapped to tokens with the fast
+tokenizer's offsets; a token is supervised when it starts inside a span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from eaft_pl.losses import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant", "tool")
+
+__all__ = [
+    "DataError",
+    "Conversation",
+    "EncodedExample",
+    "validate_messages",
+    "assistant_char_spans",
+    "encode_conversation",
+    "collate",
+]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source (file and line) and what to do."""
+
+
+@dataclass
+class Conversation:
+    """One training example.
+
+    Attributes:
+        messages: ``[{"role": ..., "content": ...}, ...]`` with roles among system/user/assistant/tool.
+        source: Where it came from (``file:line``), used in every error message.
+    """
+
+    messages: List[Dict[str, Any]]
+    source: str = "<memory>"
+
+
+@dataclass
+class EncodedExample:
+    """A tokenised conversation: ``labels`` equal ``input_ids`` on assistant tokens, else -100."""
+
+    input_ids: List[int]
+    labels: List[int]
+    source: str = "<memory>"
+    truncated: bool = False
+
+    @property
+    def num_supervised(self) -> int:
+        """Tokens the loss uses: labels are shifted by one, so position 0 never counts."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
+    """Check the structure of a conversation and return it as a list of role/content dicts.
+
+    Raises:
+        DataError: not a non-empty list of ``{"role", "content"}`` objects, an unknown role, an
+            assistant turn before any prompt, an empty assistant turn, or no assistant turn.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{source}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for j, m in enumerate(messages):
+        where = f"{source}: messages[{j}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise DataError(f"{where} lacks {missing} (has {sorted(m)}); every message needs 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: 'content' must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{where}: empty assistant turn; remove the example or fill in the answer")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{source}: no assistant turn, so nothing to train on; add one or remove the example")
+    first = next(m["role"] for m in out if m["role"] != "system")
+    if first == "assistant":
+        raise DataError(f"{source}: the first non-system message is an assistant turn; a prompt must come first")
+    return out
+
+
+def _render(tokenizer: Any, messages: Sequence[Dict[str, str]], generation_prompt: bool, template: Optional[str]) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+    )
+
+
+def assistant_char_spans(
+    tokenizer: Any, messages: Sequence[Dict[str, str]], chat_template: Optional[str] = None, source: str = "<memory>"
+) -> Tuple[str, List[Tuple[int, int]]]:
+    """Render a conversation and return its text and the ``[start, end)`` character span of every
+    assistant turn.
+
+    Raises:
+        DataError: the template is not prefix-stable (rendering a prefix of the conversation does
+            not give a prefix of the full text), so assistant spans cannot be located.
+    """
+    text = _render(tokenizer, messages, False, chat_template)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start_text = _render(tokenizer, messages[:i], True, chat_template)
+        end_text = _render(tokenizer, messages[: i + 1], False, chat_template)
+        if not (end_text.startswith(start_text) and text.startswith(end_text)):
+            raise DataError(
+                f"{source}: the chat template is not prefix-stable at message {i} (rendering the "
+                "conversation up to a turn does not give a prefix of the whole conversation), so the "
+                "assistant tokens cannot be located; pass a template that renders earlier turns "
+                "unchanged as data.init_args.chat_template"
+            )
+        spans.append((len(start_text), len(end_text)))
+    return text, spans
+
+
+def encode_conversation(
+    tokenizer: Any,
+    conversation: Conversation,
+    max_length: int,
+    chat_template: Optional[str] = None,
+) -> EncodedExample:
+    """Render, tokenise and mask a conversation; truncate it on the right to ``max_length`` tokens."""
+    messages = validate_messages(conversation.messages, conversation.source)
+    text, spans = assistant_char_spans(tokenizer, messages, chat_template, conversation.source)
+    # The template writes BOS and other special tokens itself; adding them again would duplicate them.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: List[int] = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for j, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[j] = input_ids[j]
+    truncated = len(input_ids) > max_length
+    return EncodedExample(input_ids[:max_length], labels[:max_length], conversation.source, truncated)
+
+
+def collate(
+    examples: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_of: Optional[int] = None
+) -> Dict[str, Tensor]:
+    """Right-pad a list of examples to the longest one (dynamic padding).
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` long tensors.
+    """
+    length = max(len(e.input_ids) for e in examples)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(examples)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class SplitSummary:
+    """What encoding a split did: counts a user should see before trusting a run."""
+
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_no_supervised_tokens: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    dropped_sources: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = dict(vars(self))
+        d["dropped_sources"] = self.dropped_sources[:20]  # enough to find them, not a dump
+        return d

@@ -1,0 +1,65 @@
+"""Loading tokenizers and causal LMs from a local folder or a hub id, or building one from a config.
+
+Nothing here downloads unless the user names a hub id and the machine is online; with
+``HF_HUB_OFFLINE=1`` a missing model fails at once with the library's own message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm"]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` with remote code off unless asked for."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None or name == "auto":
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.init_args.torch_dtype: {name!r} is not a torch dtype (use float32, bfloat16, float16)")
+    return dtype
+
+
+def load_causal_lm(
+    name_or_path: str, torch_dtype: Optional[str] = None, trust_remote_code: bool = False, attn_implementation: Optional[str] = None
+) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = _dtype(torch_dtype) if torch_dtype != "auto" else "auto"
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: Optional[str] = None) -> Any:
+    """A randomly initialised causal LM from a config dict with a ``model_type`` (e.g. ``llama``).
+
+    Token ids the config leaves out (vocabulary size, pad/bos/eos) are taken from ``tokenizer``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    if "model_type" not in config:
+        raise ValueError("model.init_args.model_config needs a 'model_type' (e.g. llama, qwen2)")
+    if tokenizer is not None:
+        config.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                config.setdefault(key, value)
+    cfg = AutoConfig.for_model(**config)
+    model = AutoModelForCausalLM.from_config(cfg)
+    dtype = _dtype(torch_dtype)
+    return model.to(dtype) if dtype is not None else model

@@ -1,0 +1,445 @@
+"""The EAFT loss family as pure tensor functions.
+
+Every method of the paper is a per-token weight on the same cross-entropy::
+
+    loss = sum_t w_t * CE_t / N        (t over supervised, label-shifted tokens; w_t detached)
+
+so the computation is split in three small steps that anyone can reuse:
+
+1. :func:`token_statistics` shifts the labels, keeps the supervised tokens and computes, once, the
+   per-token cross-entropy (with gradient) and the detached statistics every gate needs: label
+   probability, top-K entropy and, on request, full-vocabulary entropy.
+2. A :class:`Gate` maps those statistics to detached per-token weights. Gates are tiny classes so a
+   new one is a few lines and is selected from YAML by ``class_path``.
+3. :func:`reduce_weighted` sums ``w * CE`` and divides by the number of supervised tokens (of the
+   batch, or ``num_items_in_batch`` when the caller counts a whole optimizer step).
+
+``sft_loss``, ``eaft_loss`` and ``dft_loss`` wrap the three steps with the signature of the
+reference implementation (LLaMA-Factory's ``eaft_loss_func`` / ``dft_loss_func``), whose values and
+gradients they match when ``normalizer=3.0``.
+
+This module imports nothing from Lightning on purpose: it is the part of the package that other
+trainers (HF ``Trainer(compute_loss_func=...)``, plain loops) can use on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+Normalizer = Union[Literal["log_k"], float, None]
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenStats",
+    "token_statistics",
+    "topk_entropy",
+    "full_entropy",
+    "reduce_weighted",
+    "Gate",
+    "SFTGate",
+    "EAFTGate",
+    "SigmoidGate",
+    "EntropyMaskGate",
+    "ConflictMaskGate",
+    "DFTGate",
+    "gated_loss",
+    "sft_loss",
+    "eaft_loss",
+    "dft_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of the supervised, label-shifted tokens of a batch.
+
+    All tensors have shape ``(N,)`` where N is the number of supervised tokens, in the order of the
+    flattened ``(batch, time)`` positions. Only ``ce`` carries gradient.
+
+    Attributes:
+        ce: Cross-entropy ``-log p(label)`` in nats (fp32, differentiable).
+        label_prob: Probability of the label, ``exp(-ce)`` (detached).
+        topk_entropy: Entropy in nats of the softmax renormalised over the K largest logits (detached).
+        top_k: The K actually used (the requested K clamped to the vocabulary size).
+        full_entropy: Full-vocabulary entropy in nats (detached), or ``None`` when not requested.
+    """
+
+    ce: Tensor
+    label_prob: Tensor
+    topk_entropy: Tensor
+    top_k: int
+    full_entropy: Optional[Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ce.numel())
+
+    @property
+    def norm_entropy(self) -> Tensor:
+        """Top-K entropy divided by ln K, in [0, 1]: the paper's gate H~ (Eq. 3)."""
+        return self.topk_entropy / math.log(self.top_k)
+
+
+def topk_entropy(logits: Tensor, k: int) -> Tensor:
+    """Entropy (nats) of the softmax over the ``k`` largest logits of each row.
+
+    Args:
+        logits: ``(..., V)`` logits in any float dtype.
+        k: Number of logits kept; clamped to ``V``.
+
+    Returns:
+        ``(...)`` fp32 entropies in ``[0, ln k]``.
+    """
+    k = min(k, logits.shape[-1])
+    # topk on the original dtype and upcast only the K survivors: no fp32 copy of the whole row.
+    top = torch.topk(logits, k, dim=-1, sorted=False).values.float()  # (..., k)
+    logp = torch.log_softmax(top, dim=-1)  # (..., k)
+    # p * logp with p = 0 (logit = -inf) is nan; such terms contribute 0 to the entropy.
+    return -torch.nan_to_num(logp.exp() * logp, nan=0.0).sum(-1)  # (...)
+
+
+def full_entropy(logits: Tensor) -> Tensor:
+    """Exact full-vocabulary entropy (nats) of each row, ``-sum p log p``.
+
+    Costs about three times a cross-entropy forward; an opt-in diagnostic. Computed from
+    ``log_softmax`` rather than as ``logsumexp(z) - sum p z``: that difference of two large numbers
+    loses the small entropies of confident rows in fp32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return -torch.nan_to_num(logp.exp() * logp, nan=0.0).sum(-1)  # (...)
+
+
+def _validate_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
+        raise ValueError(
+            f"top_k must be an integer >= 2 (the entropy of a single logit is always 0), got {top_k!r}"
+        )
+
+
+def token_statistics(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    top_k: int = 20,
+    ignore_index: int = IGNORE_INDEX,
+    compute_full_entropy: bool = False,
+) -> TokenStats:
+    """Shift labels by one and compute the statistics of every supervised token.
+
+    ``labels`` are aligned with ``input_ids`` (the Hugging Face convention): the logits at position
+    t predict ``labels[t + 1]``. Positions whose shifted label is ``ignore_index`` are dropped, and so
+    is the last position (it has no next token).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(T, V)`` logits.
+        labels: ``(B, T)`` or ``(T,)`` label ids, ``ignore_index`` where not supervised.
+        top_k: K of the top-K entropy; clamped to the vocabulary size.
+        ignore_index: Label value of unsupervised positions.
+        compute_full_entropy: Also compute the exact full-vocabulary entropy (about 3x CE cost).
+
+    Returns:
+        The :class:`TokenStats` of the supervised tokens.
+    """
+    _validate_top_k(top_k)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits must be "
+            "labels.shape + (vocab,)"
+        )
+    vocab = logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"the vocabulary must hold at least 2 tokens, got logits with {vocab}")
+    shift_logits = logits[..., :-1, :]  # (B, T-1, V)
+    shift_labels = labels[..., 1:]  # (B, T-1)
+    mask = shift_labels != ignore_index  # (B, T-1)
+    z = shift_logits[mask]  # (N, V): indexing keeps the graph, and N may be 0
+    y = shift_labels[mask]  # (N,)
+    ce = F.cross_entropy(z.float(), y, reduction="none")  # (N,)
+    with torch.no_grad():
+        zd = z.detach()
+        k = min(top_k, vocab)
+        stats = TokenStats(
+            ce=ce,
+            label_prob=torch.exp(-ce.detach()),
+            topk_entropy=topk_entropy(zd, k),
+            top_k=k,
+            full_entropy=full_entropy(zd) if compute_full_entropy else None,
+        )
+    return stats
+
+
+def reduce_weighted(weights: Tensor, ce: Tensor, num_items_in_batch: Optional[Union[int, Tensor]] = None) -> Tensor:
+    """``sum(w * CE) / num_items_in_batch`` if given, else the mean over the N tokens.
+
+    With no supervised token the result is a zero that stays attached to the graph (so a DDP rank
+    with an empty micro-batch still produces gradients and does not hang the others).
+    """
+    weighted = weights.detach() * ce  # (N,)
+    total = weighted.sum()
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    if ce.numel() == 0:
+        return total  # an attached 0: mean() of nothing would be nan
+    return total / ce.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# Gates
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_normalizer(normalizer: Normalizer, top_k: int) -> float:
+    if normalizer is None:
+        return 1.0
+    if isinstance(normalizer, str):
+        if normalizer != "log_k":
+            raise ValueError(f"normalizer must be 'log_k', a positive number or None, got {normalizer!r}")
+        return math.log(top_k)
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer!r}")
+    return float(normalizer)
+
+
+def _check_quantile(name: str, q: float) -> None:
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {q!r}")
+
+
+class Gate:
+    """Maps per-token statistics to detached per-token loss weights.
+
+    Subclass it and implement :meth:`weights` to add a method; select it in YAML with
+    ``model.init_args.gate: {class_path: my_pkg.MyGate, init_args: {...}}``. The returned tensor
+    must have shape ``(N,)``; it is detached by the caller, so a gate never carries gradient.
+    """
+
+    #: Short name used for run tags and tables.
+    name: str = "gate"
+    #: Set to True if :meth:`weights` reads ``stats.full_entropy``.
+    needs_full_entropy: bool = False
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, stats: TokenStats) -> Tensor:
+        with torch.no_grad():
+            w = self.weights(stats)
+        if w.shape != stats.ce.shape:
+            raise ValueError(f"{type(self).__name__} returned weights {tuple(w.shape)}, expected {tuple(stats.ce.shape)}")
+        return w.detach().to(torch.float32)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class SFTGate(Gate):
+    """Plain supervised fine-tuning: every token has weight 1."""
+
+    name = "sft"
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        return torch.ones_like(stats.ce)
+
+
+class EAFTGate(Gate):
+    """EAFT (Eq. 2-3): weight ``(H_topK / normalizer) ** alpha``.
+
+    Args:
+        alpha: Power of the weight. 1 is the paper's method; 2 and 3 are its EAFT^p ablations;
+            0 reproduces SFT.
+        normalizer: ``"log_k"`` divides by ln K as in the paper (weights in [0, 1]); a number divides
+            by it (LLaMA-Factory uses 3.0); ``None`` does not normalise (axolotl). A constant divisor
+            rescales the whole loss, which matters for gradient clipping and SGD, not for Adam.
+    """
+
+    name = "eaft"
+
+    def __init__(self, alpha: float = 1.0, normalizer: Normalizer = "log_k") -> None:
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        _resolve_normalizer(normalizer, 20)  # validate early, K is known later
+        self.alpha = float(alpha)
+        self.normalizer = normalizer
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        scale = _resolve_normalizer(self.normalizer, stats.top_k)
+        return (stats.topk_entropy / scale) ** self.alpha
+
+
+class SigmoidGate(Gate):
+    """EAFT_sig (Sec. 5.1): weight ``sigmoid(steepness * (H~ - midpoint))`` with H~ = H_topK / ln K.
+
+    Args:
+        steepness: The paper's alpha (30).
+        midpoint: The paper's beta (0.17, the bottom-15% entropy percentile of its math data).
+    """
+
+    name = "eaft_sigmoid"
+
+    def __init__(self, steepness: float = 30.0, midpoint: float = 0.17) -> None:
+        self.steepness = float(steepness)
+        self.midpoint = float(midpoint)
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        return torch.sigmoid(self.steepness * (stats.norm_entropy - self.midpoint))
+
+
+def _batch_quantile(x: Tensor, q: float) -> Tensor:
+    # torch.quantile refuses more than 16M elements; the k-th value is exact and has no limit.
+    k = max(1, min(x.numel(), math.ceil(q * x.numel())))
+    return torch.kthvalue(x.float(), k).values
+
+
+class EntropyMaskGate(Gate):
+    """Entropy-masked SFT (Eq. 4): weight 1 above the q-quantile of top-K entropy, else 0.
+
+    The quantile is taken over the supervised tokens of the batch it is called on (the paper does not
+    say over which population). Tokens tied at the threshold are masked, so with many tokens of
+    entropy exactly 0 the masked share can exceed ``quantile``.
+
+    Args:
+        quantile: Share of lowest-entropy tokens to mask (0.15 in the paper).
+    """
+
+    name = "entropy_mask"
+
+    def __init__(self, quantile: float = 0.15) -> None:
+        _check_quantile("quantile", quantile)
+        self.quantile = float(quantile)
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        if stats.num_tokens == 0 or self.quantile == 0:
+            return torch.ones_like(stats.ce)
+        tau = _batch_quantile(stats.topk_entropy, self.quantile)
+        return (stats.topk_entropy > tau).float()
+
+
+class ConflictMaskGate(Gate):
+    """The pilot study's joint mask (Sec. 3.2): weight 0 where both top-K entropy and label
+    probability are at or below their batch q-quantiles (a confident conflict), else 1.
+
+    Args:
+        entropy_quantile: Quantile of top-K entropy below which a token is "confident" (0.15).
+        prob_quantile: Quantile of label probability below which a token "conflicts" (0.15).
+    """
+
+    name = "conflict_mask"
+
+    def __init__(self, entropy_quantile: float = 0.15, prob_quantile: float = 0.15) -> None:
+        _check_quantile("entropy_quantile", entropy_quantile)
+        _check_quantile("prob_quantile", prob_quantile)
+        self.entropy_quantile = float(entropy_quantile)
+        self.prob_quantile = float(prob_quantile)
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        if stats.num_tokens == 0 or self.entropy_quantile == 0 or self.prob_quantile == 0:
+            return torch.ones_like(stats.ce)
+        h_tau = _batch_quantile(stats.topk_entropy, self.entropy_quantile)
+        p_tau = _batch_quantile(stats.label_prob, self.prob_quantile)
+        conflict = (stats.topk_entropy <= h_tau) & (stats.label_prob <= p_tau)
+        return (~conflict).float()
+
+
+class DFTGate(Gate):
+    """Dynamic Fine-Tuning (Wu et al. 2025): weight = detached probability of the label."""
+
+    name = "dft"
+
+    def weights(self, stats: TokenStats) -> Tensor:
+        return stats.label_prob
+
+
+# --------------------------------------------------------------------------------------------------
+# The public losses
+# --------------------------------------------------------------------------------------------------
+
+
+def gated_loss(
+    logits: Tensor,
+    labels: Tensor,
+    gate: Gate,
+    *,
+    top_k: int = 20,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """Weighted cross-entropy with any :class:`Gate`: statistics pass, gate, reduction."""
+    stats = token_statistics(
+        logits, labels, top_k=top_k, ignore_index=ignore_index, compute_full_entropy=gate.needs_full_entropy
+    )
+    return reduce_weighted(gate(stats), stats.ce, num_items_in_batch)
+
+
+def sft_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """Token-mean cross-entropy of the supervised, label-shifted tokens (plain SFT)."""
+    # top_k=2 keeps the (unused) entropy pass as cheap as possible.
+    return gated_loss(
+        logits, labels, SFTGate(), top_k=2, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch
+    )
+
+
+def eaft_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    top_k: int = 20,
+    alpha: float = 1.0,
+    normalizer: Normalizer = "log_k",
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """Entropy-Adaptive Fine-Tuning loss: CE weighted by ``(H_topK / normalizer) ** alpha``, detached.
+
+    Args:
+        logits: ``(B, T, V)`` logits.
+        labels: ``(B, T)`` labels aligned with ``input_ids``; shifted by one inside.
+        top_k: K of the top-K entropy (20 in the paper); clamped to the vocabulary size.
+        alpha: Power of the weight (1 in the paper).
+        normalizer: ``"log_k"`` (paper), a float (LLaMA-Factory: 3.0) or ``None`` (axolotl).
+        ignore_index: Label of unsupervised positions.
+        num_items_in_batch: Divide the weighted sum by this count (e.g. the supervised tokens of a
+            whole optimizer step) instead of taking the mean over this batch's tokens.
+    """
+    return gated_loss(
+        logits,
+        labels,
+        EAFTGate(alpha=alpha, normalizer=normalizer),
+        top_k=top_k,
+        ignore_index=ignore_index,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def dft_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """Dynamic Fine-Tuning loss: CE weighted by the detached label probability."""
+    return gated_loss(
+        logits, labels, DFTGate(), top_k=2, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch
+    )

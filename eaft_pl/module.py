@@ -1,0 +1,286 @@
+"""The LightningModule: a Hugging Face causal LM trained with any gate of the EAFT loss family."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
+from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
+from eaft_pl.metrics import TokenStatsMetric
+
+__all__ = ["EAFTModule", "warmup_cosine"]
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup from 0 to 1 over ``warmup_steps``, then a cosine decay
+    to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EAFTModule(pl.LightningModule):
+    """Fine-tunes a causal LM with a per-token weighted cross-entropy (SFT, EAFT, DFT, masks, ...).
+
+    The model comes from ``model_name_or_path`` (a local folder or a hub id) or, for tests and toy
+    runs, is built with random weights from ``model_config``. It is created in ``configure_model()``
+    so that FSDP/DeepSpeed can shard it while it is built.
+
+    Loss normalisation: with ``loss_normalization="step"`` the loss of an optimizer step is
+    ``sum(w * CE) / N`` where N counts the supervised tokens of all micro-batches of the step on all
+    ranks, as LLaMA-Factory's ``num_items_in_batch`` does; a micro-batch mean would weight the tokens
+    of short micro-batches more. Each micro-batch returns its weighted sum and the gradients are
+    divided by N just before clipping and the optimizer step.
+
+    Logged metrics (see :class:`~eaft_pl.metrics.TokenStatsMetric`): ``train/<stat>`` over the
+    tokens of each optimizer step, ``val/<name>/<stat>`` and ``test/<name>/<stat>`` over whole
+    evaluation sets, plus ``train/lr``.
+
+    Args:
+        model_name_or_path: Local folder or hub id of a ``transformers`` causal LM.
+        model_config: A config dict with ``model_type`` to build a randomly initialised model instead.
+        tokenizer_name_or_path: Tokenizer folder or hub id; defaults to ``model_name_or_path``. The CLI
+            links it to ``data.init_args.tokenizer_name_or_path``.
+        gate: The per-token weight; ``None`` means ``EAFTGate()`` (the paper's EAFT).
+        top_k: K of the top-K entropy (20 in the paper); clamped to the vocabulary size.
+        learning_rate: Peak AdamW learning rate (the paper: 1e-5).
+        weight_decay: AdamW weight decay, applied to matrices only (not to biases and norms).
+        warmup_ratio: Share of the optimizer steps spent in linear warmup (the paper: 0.03).
+        min_lr_ratio: The cosine schedule ends at ``learning_rate * min_lr_ratio``.
+        adam_betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        loss_normalization: ``"step"`` divides by the supervised tokens of the whole optimizer step
+            (exact under gradient accumulation and DDP); ``"micro_batch"`` takes each micro-batch's
+            mean (needed for DeepSpeed, which owns the gradients).
+        gradient_checkpointing: Recompute activations in backward to save memory (HF's implementation).
+        torch_dtype: Dtype to load the weights in (``bfloat16`` for bf16-true training); mixed precision
+            is ``trainer.precision``.
+        attn_implementation: Passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``, ``eager``).
+        trust_remote_code: Allow Python code shipped with the model/tokenizer to run. Off by default.
+        conflict_max_norm_entropy: A token counts as a confident conflict when its normalised top-K
+            entropy is at most this ...
+        conflict_max_label_prob: ... and its label probability is at most this.
+        log_full_entropy: Also log full-vocabulary entropy (costs about 3x a CE forward).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        model_config: Optional[Dict[str, Any]] = None,
+        tokenizer_name_or_path: Optional[str] = None,
+        gate: Optional[Gate] = None,
+        top_k: int = 20,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        adam_betas: Tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        loss_normalization: Literal["step", "micro_batch"] = "step",
+        gradient_checkpointing: bool = False,
+        torch_dtype: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+        trust_remote_code: bool = False,
+        conflict_max_norm_entropy: float = 0.17,
+        conflict_max_label_prob: float = 0.1,
+        log_full_entropy: bool = False,
+    ) -> None:
+        super().__init__()
+        if (model_name_or_path is None) == (model_config is None):
+            raise ValueError("set exactly one of model.init_args.model_name_or_path and model.init_args.model_config")
+        if isinstance(top_k, bool) or top_k < 2:
+            raise ValueError(f"model.init_args.top_k must be >= 2, got {top_k}")
+        if not learning_rate > 0:
+            raise ValueError(f"model.init_args.learning_rate must be > 0, got {learning_rate}")
+        if weight_decay < 0:
+            raise ValueError(f"model.init_args.weight_decay must be >= 0, got {weight_decay}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.init_args.warmup_ratio must lie in [0, 1), got {warmup_ratio}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.init_args.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+        if loss_normalization not in ("step", "micro_batch"):
+            raise ValueError(f"model.init_args.loss_normalization must be 'step' or 'micro_batch', got {loss_normalization!r}")
+        self.save_hyperparameters()
+        self.gate: Gate = gate if gate is not None else EAFTGate()
+        self.model: Optional[nn.Module] = None
+        self.tokenizer: Any = None
+        self.train_metrics = self._new_metric()
+        self.eval_metrics = nn.ModuleDict()
+        self._step_tokens = 0  # supervised tokens of the optimizer step being accumulated
+        self._last_logged_step = -1
+
+    # ---- model ---------------------------------------------------------------------------------
+
+    def _new_metric(self) -> TokenStatsMetric:
+        return TokenStatsMetric(
+            conflict_max_norm_entropy=self.hparams.conflict_max_norm_entropy,
+            conflict_max_label_prob=self.hparams.conflict_max_label_prob,
+            full_entropy=self.hparams.log_full_entropy,
+        )
+
+    @property
+    def method(self) -> str:
+        """Short name of the training method (the gate's name), used in run tags."""
+        return self.gate.name
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this more than once (fit then test)
+            return
+        hp = self.hparams
+        tok_path = hp.tokenizer_name_or_path or hp.model_name_or_path
+        if tok_path is None:
+            raise ValueError("model.init_args.tokenizer_name_or_path is needed to build a model from model_config")
+        self.tokenizer = load_tokenizer(tok_path, trust_remote_code=hp.trust_remote_code)
+        if hp.model_name_or_path is not None:
+            model = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code, hp.attn_implementation)
+        else:
+            model = build_causal_lm(hp.model_config, self.tokenizer, hp.torch_dtype)
+        n_embed = model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > n_embed:
+            raise ValueError(
+                f"the tokenizer at {tok_path!r} has {len(self.tokenizer)} tokens but the model's embedding has "
+                f"{n_embed} rows; use the model's own tokenizer or resize the embeddings before training"
+            )
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+        self.model = model
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(datamodule, "val_names", ["domain"]))
+        for prefix in ("val", "test"):
+            for name in names:
+                key = f"{prefix}_{name}"
+                if key not in self.eval_metrics:
+                    self.eval_metrics[key] = self._new_metric()
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if "DeepSpeed" in strategy and self.hparams.loss_normalization == "step":
+            raise ValueError(
+                "DeepSpeed scales and owns the gradients, so the step-level token normalisation cannot be "
+                "applied; set model.init_args.loss_normalization: micro_batch"
+            )
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Return the logits ``(B, T, V)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def token_stats(self, batch: Dict[str, Tensor]) -> Tuple[TokenStats, Tensor]:
+        """Run the model on a batch and return the supervised tokens' statistics and gate weights."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+        stats = token_statistics(
+            logits,
+            batch["labels"],
+            top_k=self.hparams.top_k,
+            compute_full_entropy=self.hparams.log_full_entropy or self.gate.needs_full_entropy,
+        )
+        return stats, self.gate(stats)
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        stats, weights = self.token_stats(batch)
+        self.train_metrics.update(stats, weights)
+        weighted_sum = (weights * stats.ce).sum()  # an attached 0 when the micro-batch has no token
+        if self.hparams.loss_normalization == "micro_batch":
+            return weighted_sum / max(stats.num_tokens, 1)
+        self._step_tokens += stats.num_tokens
+        return weighted_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hparams.loss_normalization != "step":
+            return
+        # Lightning divided every micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged the
+        # gradients over ranks; undo both and divide by the step's global supervised-token count instead.
+        tokens = torch.tensor(float(self._step_tokens), device=self.device)
+        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        self._step_tokens = 0
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step moved: an optimizer step ended with this micro-batch, so the metric holds exactly
+        # the tokens of that step. Lightning flushes these values on its log_every_n_steps cadence.
+        if self.trainer.global_step == self._last_logged_step:
+            return
+        self._last_logged_step = self.trainer.global_step
+        values = self.train_metrics.compute()
+        self.train_metrics.reset()
+        if values["tokens"] > 0:
+            self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def _eval_names(self) -> List[str]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return list(getattr(datamodule, "val_names", ["domain"]))
+
+    def _eval_step(self, prefix: str, batch: Dict[str, Tensor], dataloader_idx: int) -> None:
+        stats, weights = self.token_stats(batch)
+        name = self._eval_names()[dataloader_idx]
+        self.eval_metrics[f"{prefix}_{name}"].update(stats, weights)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        for name in self._eval_names():
+            metric = self.eval_metrics[f"{prefix}_{name}"]
+            values = metric.compute()
+            metric.reset()
+            if values["tokens"] > 0:
+                self.log_dict({f"{prefix}/{name}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
+
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
+        """Per-example means over the supervised tokens: ce, label_prob, topk_entropy, weight, tokens."""
+        stats, weights = self.token_stats(batch)
+        labels = batch["labels"][:, 1:]  # (B, T-1): the positions token_statistics kept, in order
+        row = torch.nonzero(labels != -100, as_tuple=True)[0]  # (N,) example index of each token
+        batch_size = labels.shape[0]
+        tokens = torch.zeros(batch_size, device=row.device).index_add_(0, row, torch.ones_like(row, dtype=torch.float))
+        out = {"tokens": tokens}
+        for key, values in (
+            ("ce", stats.ce.detach()),
+            ("label_prob", stats.label_prob),
+            ("topk_entropy", stats.topk_entropy),
+            ("weight", weights),
+        ):
+            sums = torch.zeros(batch_size, device=row.device).index_add_(0, row, values.float())
+            out[key] = sums / tokens.clamp(min=1)
+        return out
+
+    # ---- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        # Decay matrices only: decaying norm gains and biases towards 0 hurts and is not what HF does.
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(hp.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
