@@ -148,7 +148,11 @@ class EAFTModule(pl.LightningModule):
                 f"{n_embed} rows; use the model's own tokenizer or resize the embeddings before training"
             )
         if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5 renamed the method; the non-reentrant variant works with DDP and frozen inputs.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
         self.model = model
 

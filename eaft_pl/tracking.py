@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Iterator
 
 import lightning.pytorch as pl
@@ -21,8 +22,10 @@ def run_tags(pl_module: pl.LightningModule, datamodule: Any, stage: str) -> Dict
     """Tags that make runs filterable in the MLflow UI: method, model, data, stage."""
     hp = getattr(pl_module, "hparams", {})
     model = hp.get("model_name_or_path") or f"config:{(hp.get('model_config') or {}).get('model_type', '?')}"
-    files = getattr(datamodule, "files", None)
-    data = (files or {}).get("train") or type(datamodule).__name__ if datamodule is not None else "none"
+    if datamodule is None:
+        data = "none"
+    else:
+        data = (getattr(datamodule, "files", None) or {}).get("train") or type(datamodule).__name__
     return {
         "method": str(getattr(pl_module, "method", type(pl_module).__name__)),
         "gate": repr(getattr(pl_module, "gate", None)),
@@ -62,4 +65,4 @@ class MLflowSaveConfig(SaveConfigCallback):
         ckpt = trainer.checkpoint_callback
         if trainer.is_global_zero and ckpt is not None and getattr(ckpt, "dirpath", None):
             for logger in mlflow_loggers(trainer):
-                logger.experiment.set_tag(logger.run_id, "checkpoint_dir", str(ckpt.dirpath))
+                logger.experiment.set_tag(logger.run_id, "checkpoint_dir", os.path.abspath(ckpt.dirpath))

@@ -1,0 +1,189 @@
+"""EAFTModule: step-level token normalisation, model loading, schedule, and per-example predictions."""
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import TINY_LLAMA
+from eaft_pl import ChatJsonlDataModule, EAFTModule
+from eaft_pl.hub import build_causal_lm
+from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.module import warmup_cosine
+
+# Four chats whose answers differ in length, so the two micro-batches of an accumulation window hold
+# very different numbers of supervised tokens (ab: short, cd: long).
+RECORDS = [
+    {"prompt": "a", "response": "1"},
+    {"prompt": "b", "response": "22"},
+    {"prompt": "c", "response": "a much longer answer than the others"},
+    {"prompt": "d", "response": "and another long answer, longer still"},
+]
+
+
+class InOrderData(ChatJsonlDataModule):
+    """No shuffling, so runs with different micro-batch sizes see the same examples in the same order."""
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=False)
+
+
+class CaptureGrads(EAFTModule):
+    """Keeps the gradients as the optimizer will see them (after eaft-pl's rescaling)."""
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.captured = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return str(path)
+
+
+def first_step_grads(train_file, tokenizer_dir, micro_batch, accumulate, normalization="step", gate=None):
+    pl.seed_everything(0)
+    module = CaptureGrads(
+        model_config=TINY_LLAMA,
+        tokenizer_name_or_path=str(tokenizer_dir),
+        gate=gate or EAFTGate(),
+        loss_normalization=normalization,
+    )
+    data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=data)
+    return module.captured
+
+
+def assert_grads_close(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("gate", [SFTGate(), EAFTGate()], ids=["sft", "eaft"])
+def test_accumulated_micro_batches_equal_one_batch(train_file, tokenizer_dir, gate):
+    one_batch = first_step_grads(train_file, tokenizer_dir, micro_batch=4, accumulate=1, gate=gate)
+    two_micro = first_step_grads(train_file, tokenizer_dir, micro_batch=2, accumulate=2, gate=gate)
+    four_micro = first_step_grads(train_file, tokenizer_dir, micro_batch=1, accumulate=4, gate=gate)
+    assert_grads_close(two_micro, one_batch)
+    assert_grads_close(four_micro, one_batch)
+
+
+def test_micro_batch_means_would_not_be_equal(train_file, tokenizer_dir):
+    # The bug the step normalisation prevents: averaging micro-batch means over-weights the tokens of
+    # the short micro-batch. This shows the equality test above can fail.
+    one_batch = first_step_grads(train_file, tokenizer_dir, micro_batch=4, accumulate=1)
+    means = first_step_grads(train_file, tokenizer_dir, micro_batch=2, accumulate=2, normalization="micro_batch")
+    diff = max((means[n] - one_batch[n]).abs().max().item() for n in one_batch)
+    scale = max(one_batch[n].abs().max().item() for n in one_batch)
+    assert diff > 0.05 * scale
+
+
+def test_gradients_equal_the_weighted_loss_gradient(train_file, tokenizer_dir):
+    # The rescaled sum equals the gradient of the plain token-mean loss on the same batch.
+    grads = first_step_grads(train_file, tokenizer_dir, micro_batch=4, accumulate=1)
+    pl.seed_everything(0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir))
+    module.configure_model()
+    data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    stats, weights = module.token_stats(batch)
+    ((weights * stats.ce).sum() / stats.num_tokens).backward()
+    expected = {f"model.{n}": p.grad for n, p in module.model.named_parameters()}
+    assert_grads_close(grads, expected)
+
+
+def test_a_model_saved_to_disk_loads_through_the_same_path(tmp_path, char_tokenizer):
+    torch.manual_seed(0)
+    model = build_causal_lm(TINY_LLAMA, char_tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer.save_pretrained(tmp_path / "m")
+    module = EAFTModule(model_name_or_path=str(tmp_path / "m"))
+    module.configure_model()
+    module.configure_model()  # idempotent: Lightning calls it again for test after fit
+    ids = torch.randint(0, len(char_tokenizer), (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(module(ids), model(input_ids=ids).logits)
+    assert len(module.tokenizer) == len(char_tokenizer)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, char_tokenizer):
+    model = build_causal_lm({**TINY_LLAMA, "vocab_size": 50}, None)
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="101 tokens but the model's embedding has 50 rows"):
+        EAFTModule(model_name_or_path=str(tmp_path / "m")).configure_model()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(train_file, tokenizer_dir):
+    data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    grads = []
+    for checkpointing in (False, True):
+        pl.seed_everything(0)
+        module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gradient_checkpointing=checkpointing)
+        module.configure_model()
+        name = "is_activation_checkpointing" if hasattr(module.model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        assert getattr(module.model, name) is checkpointing
+        module.train()
+        stats, weights = module.token_stats(batch)
+        ((weights * stats.ce).sum() / stats.num_tokens).backward()
+        grads.append({n: p.grad for n, p in module.named_parameters()})
+    assert_grads_close(grads[0], grads[1])
+
+
+def test_predict_returns_per_example_means(train_file, tokenizer_dir):
+    pl.seed_everything(0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir))
+    module.configure_model()
+    data = InOrderData(train_file=train_file, val_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    out = module.predict_step(batch, 0)
+    for i in range(4):
+        stats, _ = module.token_stats({k: v[i : i + 1] for k, v in batch.items()})
+        assert out["tokens"][i].item() == stats.num_tokens
+        assert out["ce"][i].item() == pytest.approx(stats.ce.mean().item(), rel=1e-5)
+
+
+def test_warmup_cosine_schedule():
+    total, warmup = 100, 10
+    assert warmup_cosine(0, total, warmup) == pytest.approx(0.1)
+    assert warmup_cosine(9, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(10, total, warmup) == pytest.approx(1.0)
+    assert warmup_cosine(55, total, warmup) == pytest.approx(0.5)
+    assert warmup_cosine(100, total, warmup) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(100, total, warmup, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(32, total, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.32)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one of model.init_args.model_name_or_path"),
+        ({"model_name_or_path": "x", "model_config": {}}, "exactly one"),
+        ({"model_config": TINY_LLAMA, "top_k": 1}, "top_k must be >= 2"),
+        ({"model_config": TINY_LLAMA, "learning_rate": -1e-5}, "learning_rate must be > 0"),
+        ({"model_config": TINY_LLAMA, "weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"model_config": TINY_LLAMA, "warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"model_config": TINY_LLAMA, "loss_normalization": "batch"}, "loss_normalization"),
+    ],
+)
+def test_bad_module_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EAFTModule(**kwargs)
