@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from jsonargparse import lazy_instance
 
+from eaft_pl.callbacks import TokenStatsWriter
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.module import EAFTModule
 from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig
@@ -27,6 +28,9 @@ class EAFTLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One tokenizer for data and model: the model needs it for the vocabulary size and pad id.
         parser.link_arguments("data.init_args.tokenizer_name_or_path", "model.init_args.tokenizer_name_or_path")
+        # Always present (it acts only in `predict`), so a config cannot lose it by replacing the
+        # trainer.callbacks list.
+        parser.add_lightning_class_args(TokenStatsWriter, "predictions")
 
 
 def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:

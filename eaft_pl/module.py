@@ -216,6 +216,8 @@ class EAFTModule(pl.LightningModule):
         if self.trainer.global_step == self._last_logged_step:
             return
         self._last_logged_step = self.trainer.global_step
+        if not self.train_metrics.update_called:
+            return
         values = self.train_metrics.compute()
         self.train_metrics.reset()
         if values["tokens"] > 0:
@@ -236,6 +238,8 @@ class EAFTModule(pl.LightningModule):
     def _eval_epoch_end(self, prefix: str) -> None:
         for name in self._eval_names():
             metric = self.eval_metrics[f"{prefix}_{name}"]
+            if not metric.update_called:  # a loader that produced no batch
+                continue
             values = metric.compute()
             metric.reset()
             if values["tokens"] > 0:

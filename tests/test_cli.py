@@ -1,6 +1,7 @@
 """The eaft-pl CLI: a real fit in-process that writes an MLflow run, the other subcommands, --help,
 every shipped config, and one end-to-end run through the console script."""
 
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,25 @@ def test_validate_and_test_from_a_checkpoint(in_tmp):
     assert val_run.data.metrics["val/domain/ce"] == pytest.approx(test_run.data.metrics["test/domain/ce"], rel=1e-5)
     assert val_run.data.metrics["val/domain/ce"] == pytest.approx(fit_run.data.metrics["val/domain/ce"], rel=1e-5)
     assert val_run.data.metrics["val/domain/weight"] == 1.0  # SFT
+
+
+def test_predict_writes_per_example_statistics(in_tmp):
+    cli_main(["fit", *quick_args(in_tmp, method="sft", steps=3)])
+    _, (fit_run,) = runs(in_tmp)
+    ckpt = Path(fit_run.data.tags["checkpoint_dir"]) / "last.ckpt"
+    out = in_tmp / "preds" / "val.jsonl"
+    cli_main(["predict", *quick_args(in_tmp, method="sft"), f"--ckpt_path={ckpt}", f"--predictions.output_file={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    val_lines = (DATA / "val.jsonl").read_text().splitlines()
+    assert len(rows) == len(val_lines)
+    assert [r["source"] for r in rows] == [f"{DATA / 'val.jsonl'}:{i + 1}" for i in range(len(val_lines))]
+    assert all(r["tokens"] > 0 and r["ce"] > 0 and r["weight"] == 1.0 for r in rows)
+    # The token-weighted mean of the per-example CE is the validation CE of the same checkpoint.
+    mean_ce = sum(r["ce"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert mean_ce == pytest.approx(fit_run.data.metrics["val/domain/ce"], rel=1e-4)
+    client, (_, predict_run) = runs(in_tmp)
+    assert "val.jsonl" in {a.path for a in client.list_artifacts(predict_run.info.run_id)}
+    assert not list(out.parent.glob("*.tmp"))
 
 
 def test_help_shows_the_docstrings(capsys):

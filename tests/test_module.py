@@ -45,7 +45,7 @@ def train_file(tmp_path):
     return str(path)
 
 
-def first_step_grads(train_file, tokenizer_dir, micro_batch, accumulate, normalization="step", gate=None):
+def first_step_grads(train_file, tokenizer_dir, micro_batch, accumulate, normalization="step", gate=None, precision="32-true"):
     pl.seed_everything(0)
     module = CaptureGrads(
         model_config=TINY_LLAMA,
@@ -62,6 +62,7 @@ def first_step_grads(train_file, tokenizer_dir, micro_batch, accumulate, normali
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        precision=precision,
     )
     trainer.fit(module, datamodule=data)
     return module.captured
@@ -90,6 +91,17 @@ def test_micro_batch_means_would_not_be_equal(train_file, tokenizer_dir):
     diff = max((means[n] - one_batch[n]).abs().max().item() for n in one_batch)
     scale = max(one_batch[n].abs().max().item() for n in one_batch)
     assert diff > 0.05 * scale
+
+
+def test_bf16_mixed_precision_trains_with_close_gradients(train_file, tokenizer_dir):
+    fp32 = first_step_grads(train_file, tokenizer_dir, micro_batch=2, accumulate=2)
+    bf16 = first_step_grads(train_file, tokenizer_dir, micro_batch=2, accumulate=2, precision="bf16-mixed")
+    a = torch.cat([fp32[n].flatten() for n in fp32])
+    b = torch.cat([bf16[n].flatten() for n in fp32])
+    assert torch.isfinite(b).all()
+    # bf16 keeps 8 bits of mantissa: the direction agrees closely, the values only to about 1%.
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert not torch.equal(a, b)  # autocast really ran in bf16
 
 
 def test_gradients_equal_the_weighted_loss_gradient(train_file, tokenizer_dir):
