@@ -133,6 +133,16 @@ def test_a_model_saved_to_disk_loads_through_the_same_path(tmp_path, char_tokeni
     assert len(module.tokenizer) == len(char_tokenizer)
 
 
+def test_weights_load_in_the_requested_dtype(tmp_path, char_tokenizer):
+    build_causal_lm(TINY_LLAMA, char_tokenizer).save_pretrained(tmp_path / "m")
+    char_tokenizer.save_pretrained(tmp_path / "m")
+    module = EAFTModule(model_name_or_path=str(tmp_path / "m"), torch_dtype="bfloat16")
+    module.configure_model()
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="torch_dtype: 'bf16' is not a torch dtype"):
+        EAFTModule(model_name_or_path=str(tmp_path / "m"), torch_dtype="bf16").configure_model()
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, char_tokenizer):
     model = build_causal_lm({**TINY_LLAMA, "vocab_size": 50}, None)
     model.save_pretrained(tmp_path / "m")
