@@ -190,9 +190,13 @@ def reduce_weighted(weights: Tensor, ce: Tensor, num_items_in_batch: Optional[Un
     weighted = weights.detach() * ce  # (N,)
     total = weighted.sum()
     if num_items_in_batch is not None:
+        # A count of 0 means the whole step has no supervised token, so the sum is 0 too: return that
+        # attached 0 rather than 0/0. Clamping a tensor avoids a host sync.
         if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+            return total / num_items_in_batch.to(total.device).clamp(min=1)
+        if num_items_in_batch < 0:
+            raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+        return total / max(num_items_in_batch, 1)
     if ce.numel() == 0:
         return total  # an attached 0: mean() of nothing would be nan
     return total / ce.numel()
@@ -206,6 +210,8 @@ def reduce_weighted(weights: Tensor, ce: Tensor, num_items_in_batch: Optional[Un
 def _resolve_normalizer(normalizer: Normalizer, top_k: int) -> float:
     if normalizer is None:
         return 1.0
+    if isinstance(normalizer, bool):
+        raise ValueError(f"normalizer must be 'log_k', a positive number or None, got {normalizer!r}")
     if isinstance(normalizer, str):
         if normalizer != "log_k":
             raise ValueError(f"normalizer must be 'log_k', a positive number or None, got {normalizer!r}")

@@ -94,7 +94,7 @@ class EAFTModule(pl.LightningModule):
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
             raise ValueError("set exactly one of model.init_args.model_name_or_path and model.init_args.model_config")
-        if isinstance(top_k, bool) or top_k < 2:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
             raise ValueError(f"model.init_args.top_k must be >= 2, got {top_k}")
         if not learning_rate > 0:
             raise ValueError(f"model.init_args.learning_rate must be > 0, got {learning_rate}")
@@ -113,7 +113,9 @@ class EAFTModule(pl.LightningModule):
         self.train_metrics = self._new_metric()
         self.eval_metrics = nn.ModuleDict()
         self._step_tokens = 0  # supervised tokens of the optimizer step being accumulated
-        self._last_logged_step = -1
+        self._loss_divisor = 0.0  # a fixed divisor keeping micro-batch losses near 1 (see training_step)
+        self._last_logged_step = 0
+        self._step_lr: Optional[float] = None
 
     # ---- model ---------------------------------------------------------------------------------
 
@@ -188,6 +190,26 @@ class EAFTModule(pl.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
 
+    def _keep_metric_precision(self) -> None:
+        # bf16-true/fp16-true precision casts the whole module, metric states included; a bf16 running
+        # sum stops growing once a batch is below half its ulp. The sums stay float64 (MPS lacks it).
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        for metric in [self.train_metrics, *self.eval_metrics.values()]:
+            metric.set_dtype(dtype)
+
+    def on_fit_start(self) -> None:
+        self._keep_metric_precision()
+
+    def on_validation_start(self) -> None:
+        self._keep_metric_precision()
+
+    def on_test_start(self) -> None:
+        self._keep_metric_precision()
+
+    def on_train_start(self) -> None:
+        # Log the first step after this one (also right after a resume), with all its micro-batches.
+        self._last_logged_step = self.trainer.global_step
+
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         stats, weights = self.token_stats(batch)
         self.train_metrics.update(stats, weights)
@@ -195,20 +217,28 @@ class EAFTModule(pl.LightningModule):
         if self.hparams.loss_normalization == "micro_batch":
             return weighted_sum / max(stats.num_tokens, 1)
         self._step_tokens += stats.num_tokens
-        return weighted_sum
+        # Any constant divisor is undone exactly in on_before_optimizer_step; one near a micro-batch's
+        # token count keeps the backward pass at the magnitude of a mean (fp16 loss scaling cares).
+        # It must be the same on every rank, hence the reduction (once, on the first micro-batch).
+        if self._loss_divisor == 0.0:
+            first = torch.tensor(float(max(stats.num_tokens, 1)), device=self.device)
+            self._loss_divisor = float(self.trainer.strategy.reduce(first, reduce_op="max"))
+        return weighted_sum / self._loss_divisor
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves after)
         if self.hparams.loss_normalization != "step":
             return
         # Lightning divided every micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged the
-        # gradients over ranks; undo both and divide by the step's global supervised-token count instead.
+        # gradients over ranks; undo both (and our divisor) and divide by the step's global token count.
         tokens = torch.tensor(float(self._step_tokens), device=self.device)
-        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        tokens = float(self.trainer.strategy.reduce(tokens, reduce_op="sum"))
         self._step_tokens = 0
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens.clamp(min=1.0)
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        scale = self._loss_divisor * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            # A python float keeps the scale exact for bf16 gradients (a bf16 tensor would round it).
+            torch._foreach_mul_(grads, scale)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step moved: an optimizer step ended with this micro-batch, so the metric holds exactly
@@ -222,7 +252,8 @@ class EAFTModule(pl.LightningModule):
         self.train_metrics.reset()
         if values["tokens"] > 0:
             self.log_dict({f"train/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._step_lr is not None:
+            self.log("train/lr", self._step_lr, on_step=True, on_epoch=False)
 
     # ---- evaluation ----------------------------------------------------------------------------
 

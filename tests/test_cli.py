@@ -123,10 +123,30 @@ def test_help_shows_the_docstrings(capsys):
         cli_main(["fit", "--model.help", "eaft_pl.EAFTModule"])
     out = capsys.readouterr().out
     assert "Peak AdamW learning rate" in out and "--model.gate" in out
+    # Every option of a full config, with its documentation as a YAML comment.
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(BASE), "--print_config=comments"])
+    out = capsys.readouterr().out
+    assert "# Peak AdamW learning rate (the paper: 1e-5)" in out
+    assert "known subclasses:" in out and "eaft_pl.losses.SigmoidGate" in out
+    assert "# Truncate conversations to this many tokens" in out
 
 
 def shipped_configs():
     return sorted(CONFIGS.rglob("*.yaml"))
+
+
+def test_the_quickstart_ends_on_a_validation_and_a_checkpoint():
+    # Lightning validates (and ModelCheckpoint saves) every val_check_interval micro-batches. The last
+    # optimizer step must coincide with one, or the final model is neither evaluated nor saved.
+    cfg = yaml.safe_load(BASE.read_text())
+    trainer, data = cfg["trainer"], cfg["data"]["init_args"]
+    examples = len((REPO / data["train_file"]).read_text().splitlines())
+    batches_per_epoch = -(-examples // data["batch_size"])
+    accumulate = trainer["accumulate_grad_batches"]
+    assert batches_per_epoch % accumulate == 0, "each epoch would end with a short step"
+    micro_batches = trainer["max_steps"] * accumulate
+    assert micro_batches % trainer["val_check_interval"] == 0
 
 
 def test_there_are_configs_to_check():

@@ -215,6 +215,17 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(char_tokenizer):
         encode_conversation(char_tokenizer, Conversation(MULTI_TURN, "f.jsonl:9"), 512, chat_template=template)
 
 
+def test_a_template_that_raises_names_the_source(char_tokenizer):
+    strict = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    conv = Conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}], "f.jsonl:3")
+    with pytest.raises(DataError, match="f.jsonl:3: the chat template refused this conversation: Conversation roles must alternate"):
+        encode_conversation(char_tokenizer, conv, 512, chat_template=strict)
+
+
 def test_bad_datamodule_options_are_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="data.init_args.max_length must be >= 1"):
         ChatJsonlDataModule(tokenizer_name_or_path=str(tokenizer_dir), max_length=0)

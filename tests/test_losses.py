@@ -296,6 +296,16 @@ def test_num_items_in_batch_divides_the_weighted_sum():
     torch.testing.assert_close(eaft_loss(logits, labels, num_items_in_batch=torch.tensor(2 * n)), mean / 2)
 
 
+def test_a_zero_count_returns_the_attached_zero_not_nan():
+    logits = torch.randn(1, 4, 30, requires_grad=True)
+    labels = torch.full((1, 4), -100)
+    for count in (0, torch.tensor(0)):
+        loss = eaft_loss(logits, labels, num_items_in_batch=count)
+        assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
+        eaft_loss(logits, labels, num_items_in_batch=-1)
+
+
 def test_the_last_position_and_the_first_label_are_never_used():
     logits, labels = random_batch(time=6)
     logits, labels = logits[:1], labels[:1].clone()
@@ -333,6 +343,7 @@ def test_unbatched_inputs_are_accepted():
         ({"alpha": -1.0}, "alpha must be >= 0"),
         ({"normalizer": "ln"}, "normalizer must be"),
         ({"normalizer": 0.0}, "normalizer must be positive"),
+        ({"normalizer": True}, "normalizer must be"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs, match):

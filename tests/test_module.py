@@ -5,6 +5,7 @@ import math
 
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.loggers import Logger
 import torch
 
 from conftest import TINY_LLAMA
@@ -45,17 +46,21 @@ def train_file(tmp_path):
     return str(path)
 
 
-def first_step_grads(train_file, tokenizer_dir, micro_batch, accumulate, normalization="step", gate=None, precision="32-true"):
+def first_step_grads(
+    train_file, tokenizer_dir, micro_batch, accumulate, normalization="step", gate=None, precision="32-true", steps=1, lr=1e-5
+):
+    """The gradients of the last of ``steps`` optimizer steps, as the optimizer sees them."""
     pl.seed_everything(0)
     module = CaptureGrads(
         model_config=TINY_LLAMA,
         tokenizer_name_or_path=str(tokenizer_dir),
         gate=gate or EAFTGate(),
         loss_normalization=normalization,
+        learning_rate=lr,
     )
     data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
-        max_steps=1,
+        max_steps=steps,
         accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
@@ -81,6 +86,18 @@ def test_accumulated_micro_batches_equal_one_batch(train_file, tokenizer_dir, ga
     four_micro = first_step_grads(train_file, tokenizer_dir, micro_batch=1, accumulate=4, gate=gate)
     assert_grads_close(two_micro, one_batch)
     assert_grads_close(four_micro, one_batch)
+
+
+def test_the_partial_window_at_the_end_of_an_epoch_is_normalised_by_its_own_tokens(tmp_path, train_file, tokenizer_dir):
+    # 3 examples, 2 micro-batches per step: step 2 holds only the third example. lr = 1e-30 leaves
+    # the weights unchanged by step 1, so step 2's gradients are those of example 3 alone.
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:3]))
+    only_third = tmp_path / "third.jsonl"
+    only_third.write_text(json.dumps(RECORDS[2]) + "\n")
+    partial = first_step_grads(str(three), tokenizer_dir, micro_batch=1, accumulate=2, steps=2, lr=1e-30)
+    alone = first_step_grads(str(only_third), tokenizer_dir, micro_batch=1, accumulate=1)
+    assert_grads_close(partial, alone)
 
 
 def test_micro_batch_means_would_not_be_equal(train_file, tokenizer_dir):
@@ -169,6 +186,61 @@ def test_gradient_checkpointing_gives_the_same_gradients(train_file, tokenizer_d
     assert_grads_close(grads[0], grads[1])
 
 
+class ListLogger(Logger):
+    """Keeps every logged metric as (step, name, value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    name = "list"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows += [(step, k, float(v)) for k, v in metrics.items()]
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_train_metrics_cover_every_micro_batch_of_a_step_and_log_its_lr(train_file, tokenizer_dir):
+    pl.seed_everything(0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), learning_rate=1e-3, warmup_ratio=0.5)
+    data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=1)
+    logger = ListLogger()
+    trainer = pl.Trainer(
+        max_steps=3, accumulate_grad_batches=4, log_every_n_steps=1, logger=logger, accelerator="cpu",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    data.setup("fit")
+    all_tokens = sum(e.num_supervised for e in data.datasets["train"])
+    logged = {(step, name): value for step, name, value in logger.rows}
+    # Each step holds all four examples (one epoch per step), the first one included.
+    assert [logged[(step, "train/tokens")] for step in range(3)] == [all_tokens] * 3
+    # warmup 0.5 of 3 steps = 2 steps: step 0 runs at half the rate, step 1 at the full rate. The rate
+    # logged for a step is the one it used, not the scheduler's next value.
+    assert [logged[(step, "train/lr")] for step in range(3)] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_metric_sums_stay_float64_under_bf16_true(train_file, tokenizer_dir):
+    pl.seed_everything(0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir))
+    data = InOrderData(train_file=train_file, val_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=1)
+    trainer = pl.Trainer(precision="bf16-true", logger=False, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    (result,) = trainer.validate(module, datamodule=data)
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    assert module.eval_metrics["val_domain"].ce.dtype == torch.float64
+    # The exact token-weighted CE of the same bf16 model, summed in float64.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            stats, _ = module.token_stats(batch)
+            total += stats.ce.double().sum().item()
+            count += stats.num_tokens
+    assert result["val/domain/ce"] == pytest.approx(total / count, rel=1e-6)
+
+
 def test_predict_returns_per_example_means(train_file, tokenizer_dir):
     pl.seed_everything(0)
     module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir))
@@ -178,9 +250,10 @@ def test_predict_returns_per_example_means(train_file, tokenizer_dir):
     batch = next(iter(data.train_dataloader()))
     out = module.predict_step(batch, 0)
     for i in range(4):
-        stats, _ = module.token_stats({k: v[i : i + 1] for k, v in batch.items()})
+        stats, weights = module.token_stats({k: v[i : i + 1] for k, v in batch.items()})
         assert out["tokens"][i].item() == stats.num_tokens
-        assert out["ce"][i].item() == pytest.approx(stats.ce.mean().item(), rel=1e-5)
+        for key, values in (("ce", stats.ce), ("label_prob", stats.label_prob), ("topk_entropy", stats.topk_entropy), ("weight", weights)):
+            assert out[key][i].item() == pytest.approx(values.mean().item(), rel=1e-5), key
 
 
 def test_warmup_cosine_schedule():
@@ -200,6 +273,7 @@ def test_warmup_cosine_schedule():
         ({}, "exactly one of model.init_args.model_name_or_path"),
         ({"model_name_or_path": "x", "model_config": {}}, "exactly one"),
         ({"model_config": TINY_LLAMA, "top_k": 1}, "top_k must be >= 2"),
+        ({"model_config": TINY_LLAMA, "top_k": 20.0}, "top_k must be >= 2"),
         ({"model_config": TINY_LLAMA, "learning_rate": -1e-5}, "learning_rate must be > 0"),
         ({"model_config": TINY_LLAMA, "weight_decay": -0.1}, "weight_decay must be >= 0"),
         ({"model_config": TINY_LLAMA, "warmup_ratio": 1.0}, "warmup_ratio"),

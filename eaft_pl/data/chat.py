@@ -96,10 +96,17 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
     return out
 
 
-def _render(tokenizer: Any, messages: Sequence[Dict[str, str]], generation_prompt: bool, template: Optional[str]) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
-    )
+def _render(
+    tokenizer: Any, messages: Sequence[Dict[str, str]], generation_prompt: bool, template: Optional[str], source: str
+) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+        )
+    except TemplateError as e:  # e.g. "roles must alternate user/assistant"
+        raise DataError(f"{source}: the chat template refused this conversation: {e}") from None
 
 
 def assistant_char_spans(
@@ -112,13 +119,13 @@ def assistant_char_spans(
         DataError: the template is not prefix-stable (rendering a prefix of the conversation does
             not give a prefix of the full text), so assistant spans cannot be located.
     """
-    text = _render(tokenizer, messages, False, chat_template)
+    text = _render(tokenizer, messages, False, chat_template, source)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start_text = _render(tokenizer, messages[:i], True, chat_template)
-        end_text = _render(tokenizer, messages[: i + 1], False, chat_template)
+        start_text = _render(tokenizer, messages[:i], True, chat_template, source)
+        end_text = _render(tokenizer, messages[: i + 1], False, chat_template, source)
         if not (end_text.startswith(start_text) and text.startswith(end_text)):
             raise DataError(
                 f"{source}: the chat template is not prefix-stable at message {i} (rendering the "
