@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from eaft_pl.tracking import mlflow_loggers
 
-__all__ = ["TokenStatsWriter"]
+__all__ = ["TokenStatsWriter", "SaveHFModel"]
 
 
 class TokenStatsWriter(BasePredictionWriter):
@@ -72,3 +73,28 @@ class TokenStatsWriter(BasePredictionWriter):
         if self._handle is not None and not self._handle.closed:
             self._handle.close()
             os.remove(self._path + ".tmp")  # no half-written predictions
+
+
+class SaveHFModel(pl.Callback):
+    """At the end of training, writes the model and its tokenizer as a Hugging Face folder
+    (``save_pretrained``), loadable with ``model_name_or_path``. The folder is written under a
+    temporary name and renamed, so it is complete or absent, and replaced if it exists.
+
+    Args:
+        dirpath: Folder to write.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        tmp = self.dirpath.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pl_module.model.save_pretrained(tmp)
+        pl_module.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(self.dirpath, ignore_errors=True)
+        os.replace(tmp, self.dirpath)
+        for logger in mlflow_loggers(trainer):
+            logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(self.dirpath))

@@ -153,11 +153,19 @@ def test_there_are_configs_to_check():
     assert BASE in shipped_configs() and len(shipped_configs()) >= 3
 
 
+def is_full_config(path):
+    return "trainer" in yaml.safe_load(path.read_text())
+
+
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_shipped_config_parses_and_instantiates(path, in_tmp):
-    # A method file is an overlay on the base.yaml of its folder; a base parses on its own.
-    base = path.parent / "base.yaml"
-    args = ["--config", str(base)] + (["--config", str(path)] if path != base else [])
+    # A full config (it has a trainer section) parses on its own; a method file is an overlay on the
+    # base.yaml or finetune.yaml of its folder.
+    if is_full_config(path):
+        args = ["--config", str(path)]
+    else:
+        (base,) = [p for p in (path.parent / "base.yaml", path.parent / "finetune.yaml") if p.is_file()]
+        args = ["--config", str(base), "--config", str(path)]
     cli = cli_main(args, run=False)  # run=False: no subcommand
     assert cli.model.gate is not None and cli.datamodule is not None
 

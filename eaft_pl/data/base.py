@@ -15,8 +15,6 @@ from eaft_pl.hub import load_tokenizer
 
 __all__ = ["ChatDataModule"]
 
-SPLITS = ("train", "val", "test")
-
 
 class ChatDataModule(pl.LightningDataModule):
     """Base class of every eaft-pl DataModule: chat conversations in, padded batches out.
@@ -72,13 +70,20 @@ class ChatDataModule(pl.LightningDataModule):
     # ---- what a subclass supplies ------------------------------------------------------------------
 
     def load_conversations(self, split: str) -> Optional[List[Conversation]]:
-        """Return the conversations of ``split`` ("train", "val" or "test"), or None if it has none."""
+        """Return the conversations of ``split``, or None if it has none.
+
+        Splits are ``"train"``, ``"test"`` and one per validation set: ``"val"`` for the first name
+        of :attr:`val_names` and ``"val:<name>"`` for the others.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement load_conversations(split)")
 
     @property
     def val_names(self) -> List[str]:
         """Names of the validation dataloaders, used in metric names (``val/<name>/ce``)."""
         return ["domain"]
+
+    def _val_splits(self) -> List[str]:
+        return ["val" if i == 0 else f"val:{name}" for i, name in enumerate(self.val_names)]
 
     # ---- shared machinery --------------------------------------------------------------------------
 
@@ -144,13 +149,15 @@ class ChatDataModule(pl.LightningDataModule):
         return kept
 
     def setup(self, stage: Optional[str] = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
-        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+        vals = tuple(self._val_splits())
+        wanted = {"fit": ("train", *vals), "validate": vals, "test": ("test",), "predict": ("val",)}
+        for split in wanted.get(stage, ("train", *vals, "test")) if stage else ("train", *vals, "test"):
             if split in self.datasets:
                 continue
             conversations = self.load_conversations(split)
             if conversations is None:
-                if split == "train" or (stage in ("validate", "test", "predict") and split in wanted[stage]):
+                required = split == "train" or split in vals[1:] or stage in ("validate", "test", "predict")
+                if required and split in wanted.get(stage or "fit", ()):
                     raise DataError(f"{type(self).__name__} has no {split} data, which `{stage}` needs")
                 continue
             self.datasets[split] = self.encode_split(split, conversations)
@@ -168,7 +175,12 @@ class ChatDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> Any:
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+        loaders = [self._loader(split, shuffle=False) for split in self._val_splits() if split in self.datasets]
+        if not loaders:
+            return []
+        if "val" not in self.datasets:  # loaders are matched to val_names by position
+            raise DataError(f"{type(self).__name__} has later validation sets but not the first, '{self.val_names[0]}'")
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -1,0 +1,127 @@
+"""The forgetting callback: evaluate named suites before the first update, every N steps and at the
+end, and log scores, forgetting against the base model and the domain gain."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
+
+__all__ = ["ForgettingCallback", "suite_averages", "forgetting"]
+
+Scores = Dict[str, Dict[str, Dict[str, float]]]  # suite -> task -> metric -> value
+
+
+def suite_averages(scores: Scores) -> Dict[str, Dict[str, float]]:
+    """Mean of each metric over the tasks of a suite that report it (``suite -> metric -> mean``)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for suite, tasks in scores.items():
+        sums: Dict[str, List[float]] = {}
+        for metrics in tasks.values():
+            for metric, value in metrics.items():
+                sums.setdefault(metric, []).append(value)
+        out[suite] = {metric: sum(v) / len(v) for metric, v in sums.items()}
+    return out
+
+
+def forgetting(base: float, current: float, metric: str) -> float:
+    """How much worse ``current`` is than ``base``: positive = forgot (the sign flips for ce/ppl)."""
+    return current - base if metric in LOWER_IS_BETTER else base - current
+
+
+class ForgettingCallback(Callback):
+    """Measures forgetting against the model as it was before fine-tuning.
+
+    Suites come from the DataModule's ``evaluation_suites()`` (``{suite: [task, ...]}``; a task has
+    ``name`` and ``evaluate(model, tokenizer, batch_size) -> {metric: value}``). They are evaluated
+    at the start of training, before any optimizer step (the base scores), every ``every_n_steps``
+    optimizer steps, and at the end. Logged, with the optimizer step as the step:
+
+    - ``val/<suite>/<task>/<metric>`` and ``val/<suite>/avg/<metric>`` (mean over the suite's tasks);
+    - ``forgetting/<suite>/<metric>``: base average minus current average (positive = forgot), for
+      every suite except the domain suites;
+    - ``gain/<suite>/<metric>``: current minus base, for the domain suites.
+
+    The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` on
+    the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait.
+
+    Args:
+        every_n_steps: Evaluate every this many optimizer steps (0: only at the start and the end).
+        batch_size: Batch size of the evaluation forward passes and generation.
+        domain_suites: Suites that measure the fine-tuning target (gain instead of forgetting).
+    """
+
+    def __init__(self, every_n_steps: int = 50, batch_size: int = 64, domain_suites: Optional[List[str]] = None) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.domain_suites = list(domain_suites) if domain_suites is not None else ["domain"]
+        self.history: List[Dict[str, Any]] = []
+        self._suites: Optional[Dict[str, List[Any]]] = None
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if self.history and self.history[-1]["step"] == step:
+            return  # already evaluated at this step (e.g. the end coincides with an every-N point)
+        if trainer.is_global_zero:
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.no_grad():
+                scores: Scores = {
+                    suite: {task.name: task.evaluate(pl_module.model, pl_module.tokenizer, self.batch_size) for task in tasks}
+                    for suite, tasks in self._suites.items()
+                }
+            pl_module.train(was_training)
+            self.history.append({"step": step, "scores": scores})
+            self._log(trainer, step, scores)
+        trainer.strategy.barrier("forgetting_eval")
+
+    def _log(self, trainer: pl.Trainer, step: int, scores: Scores) -> None:
+        metrics: Dict[str, float] = {}
+        for suite, tasks in scores.items():
+            for task, values in tasks.items():
+                metrics.update({f"val/{suite}/{task}/{m}": v for m, v in values.items()})
+        base_avg = suite_averages(self.history[0]["scores"])
+        for suite, averages in suite_averages(scores).items():
+            for metric, value in averages.items():
+                metrics[f"val/{suite}/avg/{metric}"] = value
+                base = base_avg[suite][metric]
+                if suite in self.domain_suites:
+                    metrics[f"gain/{suite}/{metric}"] = -forgetting(base, value, metric)
+                else:
+                    metrics[f"forgetting/{suite}/{metric}"] = forgetting(base, value, metric)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "evaluation_suites"):
+            raise ValueError(
+                "ForgettingCallback needs a DataModule with evaluation_suites() returning {suite: [task, ...]}"
+            )
+        self._suites = datamodule.evaluation_suites()
+        self.history = []
+        self._evaluate(trainer, pl_module)  # the base model: no optimizer step has run yet
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            for logger in trainer.loggers:
+                if isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_dict(logger.run_id, {"history": self.history}, "forgetting/scores.json")

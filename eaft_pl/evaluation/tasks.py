@@ -1,0 +1,162 @@
+"""Evaluation tasks scored the way benchmarks score: greedy generation with exact match, multiple
+choice by log-likelihood, and perplexity on held-out conversations. Each task is batched and works
+on any Hugging Face causal LM with a chat template; higher is better for every metric except ``ce``
+and ``ppl``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from eaft_pl.data.chat import Conversation, collate, encode_conversation
+from eaft_pl.losses import token_statistics
+
+__all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
+
+#: Metrics where a smaller value is better (forgetting flips their sign).
+LOWER_IS_BETTER = frozenset({"ce", "ppl"})
+
+
+def normalise(text: str) -> str:
+    """Collapse whitespace: exact match compares words, not spacing."""
+    return " ".join(text.split())
+
+
+def content_match(output: str, answer: str, distractors: Sequence[str]) -> bool:
+    """Style-agnostic answer check (see :class:`GenerationTask`)."""
+    if distractors:
+        category = set(distractors) | {answer}
+        found = [w for w in output.split() if w in category]
+        return bool(found) and found[-1] == answer
+    return f" {normalise(answer)} " in f" {output} "
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _batches(items: Sequence[Any], size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class GenerationTask:
+    """Greedy generation from a user prompt, scored two ways.
+
+    Each item: ``{"prompt": str, "references": [str, ...], "answer": str, "distractors": [str, ...]}``.
+
+    - ``exact``: the answer (whitespace-normalised) equals one of ``references``, format included,
+      like IFEval-style strict scoring.
+    - ``content``: style-agnostic, like GSM8K's answer extraction. With ``distractors`` (the other
+      values of the answer's category), the *last* word of the output that belongs to the category
+      must be ``answer`` ("3 plus 4 is 7" answers 7, not 3). Without them, ``answer`` must occur in
+      the output as a run of words.
+    """
+
+    name: str
+    items: List[Dict[str, Any]]
+    max_new_tokens: int = 12
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
+        outputs = self.generate(model, tokenizer, batch_size)
+        exact = content = 0
+        for item, out in zip(self.items, outputs):
+            exact += out in {normalise(r) for r in item["references"]}
+            content += content_match(out, item["answer"], item["distractors"])
+        n = max(len(self.items), 1)
+        return {"exact": exact / n, "content": content / n}
+
+    @torch.no_grad()
+    def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        outputs: List[str] = []
+        for chunk in _batches(self.items, batch_size):
+            prompts = [_prompt_ids(tokenizer, item["prompt"]) for item in chunk]
+            length = max(map(len, prompts))
+            # Left padding, so every prompt ends where generation starts.
+            ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row in generated[:, length:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                outputs.append(normalise(tokenizer.decode(row, skip_special_tokens=True)))
+        return outputs
+
+
+@dataclass
+class MultipleChoiceTask:
+    """Multiple choice by the summed log-likelihood of each choice after the prompt (MMLU style).
+
+    Each item: ``{"prompt": str, "choices": [str, ...], "label": int}``. Metric: ``acc``.
+    """
+
+    name: str
+    items: List[Dict[str, Any]]
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pairs = []  # (item index, choice index, prompt ids, choice ids)
+        for i, item in enumerate(self.items):
+            prompt = _prompt_ids(tokenizer, item["prompt"])
+            for j, choice in enumerate(item["choices"]):
+                pairs.append((i, j, prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
+        scores = torch.full((len(self.items), max((len(it["choices"]) for it in self.items), default=0)), -math.inf)
+        for chunk in _batches(pairs, batch_size):
+            length = max(len(p) + len(c) for _, _, p, c in chunk)
+            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for row, (_, _, p, c) in enumerate(chunk):
+                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[row, : len(p) + len(c)] = 1
+            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            for row, (i, j, p, c) in enumerate(chunk):
+                # Token k of the choice (at position len(p)+k) is predicted by the logits at len(p)+k-1.
+                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=logp.device)
+                targets = torch.tensor(c, device=logp.device)
+                scores[i, j] = logp[row, positions, targets].sum().item()
+        correct = sum(int(scores[i].argmax()) == item["label"] for i, item in enumerate(self.items))
+        return {"acc": correct / max(len(self.items), 1)}
+
+
+@dataclass
+class PerplexityTask:
+    """Cross-entropy and perplexity of the assistant tokens of held-out conversations."""
+
+    name: str
+    conversations: List[Conversation]
+    max_length: int = 2048
+    _encoded: List[Any] = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
+        device = next(model.parameters()).device
+        if not self._encoded:
+            self._encoded = [encode_conversation(tokenizer, c, self.max_length) for c in self.conversations]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        total, count = 0.0, 0
+        for chunk in _batches(self._encoded, batch_size):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            stats = token_statistics(logits, batch["labels"])
+            total += stats.ce.double().sum().item()
+            count += stats.num_tokens
+        ce = total / max(count, 1)
+        return {"ce": ce, "ppl": math.exp(ce)}

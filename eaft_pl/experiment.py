@@ -1,0 +1,279 @@
+"""The embedded experiment: pretrain the synthetic world's base (cached), fine-tune it with each
+method, seed and learning rate through the package's own CLI and configs, and summarise domain
+gain and general forgetting in the paper's Table 1 layout.
+
+    python scripts/embedded_experiment.py [--seeds 0 1 2] [--methods sft eaft ...] [--lrs 3e-4 ...]
+
+Every fine-tuning run is an MLflow run (experiment ``toyworld``); the summary is printed and written
+as JSON (per method and learning rate: domain score, general average and forgetting as mean and
+standard deviation over seeds, the seeds, and the wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+CONFIGS = Path("configs/toy")
+ALL_METHODS = ["sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft"]
+GENERAL_TASKS = ["colour", "city", "arithmetic", "reverse", "repeat"]
+DOMAIN_MATCH = 0.9  # "learned the domain": style-agnostic domain accuracy at least this
+
+__all__ = ["main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table"]
+
+
+def _cli(args: List[str]) -> Any:
+    from eaft_pl.cli import cli_main
+
+    return cli_main(args)
+
+
+def _common(opts: argparse.Namespace, seed: int) -> List[str]:
+    return [
+        f"--data.init_args.seed={seed}",
+        f"--data.init_args.n_entities={opts.entities}",
+        f"--data.init_args.tokenizer_name_or_path={opts.out}/tokenizer",
+        f"--trainer.logger.init_args.tracking_uri={opts.tracking_uri}",
+    ]
+
+
+def ensure_base(opts: argparse.Namespace, seed: int) -> str:
+    """Pretrain the base of ``seed`` unless a folder made with the same settings exists."""
+    path = f"{opts.out}/base-seed{seed}"
+    recipe = (CONFIGS / "pretrain.yaml").read_text() + json.dumps(
+        {"seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities}
+    )
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    marker = Path(path) / "eaft_pl_recipe.txt"
+    if marker.is_file() and marker.read_text() == key:
+        print(f"[base] seed {seed}: cached at {path}", flush=True)
+        return path
+    print(f"[base] seed {seed}: pretraining ({opts.pretrain_steps} steps) -> {path}", flush=True)
+    _cli(
+        ["fit", "--config", str(CONFIGS / "pretrain.yaml"), *_common(opts, seed),
+         f"--trainer.max_steps={opts.pretrain_steps}", f"--data.init_args.n_pretrain={opts.pretrain_examples}",
+         f"--trainer.callbacks.init_args.dirpath={path}", f"--trainer.val_check_interval={max(1, opts.pretrain_steps // 3)}"]
+    )  # fmt: skip
+    marker.write_text(key)
+    return path
+
+
+def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dict[str, Any]:
+    """One fine-tuning run; returns the forgetting callback's history and the run's identity."""
+    from eaft_pl.evaluation import ForgettingCallback
+
+    start = time.time()
+    name = f"{method}-lr{lr:g}-seed{seed}"
+    cli = _cli(
+        ["fit", "--config", str(CONFIGS / "finetune.yaml"), "--config", str(CONFIGS / f"{method}.yaml"),
+         *_common(opts, seed), f"--model.init_args.model_name_or_path={opts.out}/base-seed{seed}",
+         f"--model.init_args.learning_rate={lr}", f"--trainer.max_steps={opts.steps}",
+         f"--trainer.logger.init_args.run_name={name}",
+         f"--trainer.callbacks.init_args.every_n_steps={opts.eval_every}"]
+    )  # fmt: skip
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, ForgettingCallback))
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "run_id": cli.trainer.logger.run_id,
+        "wall_s": time.time() - start,
+        "history": callback.history,
+    }
+
+
+# ---- the mechanism, measured ---------------------------------------------------------------------
+
+
+def conflict_statistics(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
+    """Confident conflicts in the domain training data under the base model, by token role.
+
+    Roles of the teacher's answer ``it has V , ok .``: ``content`` (the value: a job to learn),
+    ``contradiction`` (a wrongly restated colour) and ``style`` (every other token, end of turn
+    included). Conflicts use the metric's absolute thresholds (H/ln K <= 0.17 and p <= 0.1).
+    """
+    from eaft_pl.data.chat import collate
+    from eaft_pl.data.toy import ToyWorldDataModule
+    from eaft_pl.metrics import confident_conflicts
+    from eaft_pl.module import EAFTModule
+
+    module = EAFTModule(model_name_or_path=f"{opts.out}/base-seed{seed}")
+    module.configure_model()
+    module.eval()
+    data = ToyWorldDataModule(part="domain", seed=seed, n_entities=opts.entities, tokenizer_name_or_path=f"{opts.out}/tokenizer")
+    data.setup("fit")
+    counts: Dict[str, List[int]] = {"style": [0, 0], "content": [0, 0], "contradiction": [0, 0]}
+    weights: Dict[str, List[float]] = {"style": [], "content": [], "contradiction": []}
+    tok = data.tokenizer
+    with torch.no_grad():
+        for example in data.datasets["train"]:
+            stats, _ = module.token_stats(collate([example], data.pad_token_id))
+            flags = confident_conflicts(stats, 0.17, 0.1).tolist()
+            targets = [t for t, label in zip(example.input_ids[1:], example.labels[1:]) if label != -100]
+            contradiction = ":contradiction:" in example.source
+            for token, flag, h in zip(targets, flags, stats.norm_entropy.tolist()):
+                word = tok.convert_ids_to_tokens(token)
+                is_value = word in data.world.job.values() or (contradiction and word in data.world.colour.values())
+                role = ("contradiction" if contradiction else "content") if is_value else "style"
+                counts[role][0] += int(flag)
+                counts[role][1] += 1
+                weights[role].append(h)
+    total_conflicts = sum(c for c, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    return {
+        "conflict_share": total_conflicts / total,
+        "by_role": {
+            role: {
+                "tokens": n,
+                "conflict_share": c / n if n else 0.0,
+                "share_of_conflicts": c / total_conflicts if total_conflicts else 0.0,
+                "mean_eaft_weight": sum(weights[role]) / len(weights[role]) if weights[role] else 0.0,
+            }
+            for role, (c, n) in counts.items()
+        },
+    }
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+
+def _scores(entry: Dict[str, Any]) -> Dict[str, float]:
+    """Domain and general numbers of one evaluation (``entry["scores"]``)."""
+    s = entry["scores"]
+    general = s["general"]
+    out = {"domain": s["domain"]["job"]["content"]}
+    for task in GENERAL_TASKS:
+        out[task] = general[task]["exact"]
+    out["general"] = sum(out[t] for t in GENERAL_TASKS) / len(GENERAL_TASKS)
+    out["general_content"] = sum(general[t]["content"] for t in GENERAL_TASKS) / len(GENERAL_TASKS)
+    mc = [v["acc"] for v in general.values() if "acc" in v]
+    out["general_mc"] = sum(mc) / len(mc)
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per (method, lr): final scores, the base, forgetting and the matched-domain comparison, each as
+    mean and standard deviation over seeds."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(f"{run['method']}@{run['lr']:g}", []).append(run)
+    rows = {}
+    for key, members in groups.items():
+        base = [_scores(r["history"][0]) for r in members]
+        final = [_scores(r["history"][-1]) for r in members]
+        # Matched comparison: the best general score among evaluations that learned the domain.
+        matched = []
+        for r in members:
+            learned = [_scores(e)["general"] for e in r["history"] if _scores(e)["domain"] >= DOMAIN_MATCH]
+            matched.append(max(learned) if learned else float("nan"))
+        row = {"method": members[0]["method"], "lr": members[0]["lr"], "seeds": [r["seed"] for r in members]}
+        for name in final[0]:
+            row[name] = _mean_std([f[name] for f in final])
+        row["base_general"] = _mean_std([b["general"] for b in base])
+        row["base_domain"] = _mean_std([b["domain"] for b in base])
+        row["forgetting"] = _mean_std([b["general"] - f["general"] for b, f in zip(base, final)])
+        row["general_at_domain_0.9"] = _mean_std(matched)
+        row["learned_domain_runs"] = sum(not math.isnan(m) for m in matched)
+        row["wall_s"] = _mean_std([r["wall_s"] for r in members])
+        row["run_ids"] = [r["run_id"] for r in members]
+        rows[key] = row
+    return rows
+
+
+def _pm(stat: Dict[str, float], scale: float = 100.0) -> str:
+    if stat["n"] == 0:
+        return "-"
+    if stat["n"] == 1:
+        return f"{stat['mean'] * scale:.1f}"
+    return f"{stat['mean'] * scale:.1f}±{stat['std'] * scale:.1f}"
+
+
+def format_table(rows: Dict[str, Any]) -> str:
+    """The paper's Table 1 layout: domain score; general scores, their average and the change
+    against the base; plus the style-agnostic and multiple-choice general averages and the matched
+    comparison. Scores in %, mean±std over seeds."""
+    head = ["method", "lr", "Domain"] + [t.capitalize() for t in GENERAL_TASKS] + [
+        "General (Δ base)", "General content", "General MC", "General @ domain≥90%"
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = next(iter(rows.values()))
+    base_cells = ["base", "", _pm(first["base_domain"])] + [""] * len(GENERAL_TASKS) + [_pm(first["base_general"]), "", "", ""]
+    lines.append("| " + " | ".join(base_cells) + " |")
+    for row in rows.values():
+        delta = {"mean": -row["forgetting"]["mean"], "std": row["forgetting"]["std"], "n": row["forgetting"]["n"]}
+        cells = [row["method"], f"{row['lr']:g}", _pm(row["domain"])] + [_pm(row[t]) for t in GENERAL_TASKS] + [
+            f"{_pm(row['general'])} ({_pm(delta)})",
+            _pm(row["general_content"]),
+            _pm(row["general_mc"]),
+            f"{_pm(row['general_at_domain_0.9'])} ({row['learned_domain_runs']}/{len(row['seeds'])})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description="The embedded EAFT experiment on the synthetic world.")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--methods", nargs="+", default=["sft", "eaft"], help=f"any of {ALL_METHODS}, or 'all'")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
+    ap.add_argument("--steps", type=int, default=200, help="fine-tuning optimizer steps")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--pretrain-examples", type=int, default=96000)
+    ap.add_argument("--entities", type=int, default=60)
+    ap.add_argument("--out", default="outputs/toyworld", help="bases, tokenizer and results")
+    ap.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    ap.add_argument("--results", default=None, help="JSON path (default <out>/results.json)")
+    opts = ap.parse_args(argv)
+    methods = ALL_METHODS if opts.methods == ["all"] else opts.methods
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.time()
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    runs, mechanism = [], {}
+    for seed in opts.seeds:
+        ensure_base(opts, seed)
+        mechanism[seed] = conflict_statistics(opts, seed)
+        for lr in opts.lrs:
+            for method in methods:
+                print(f"[finetune] {method} lr={lr:g} seed={seed}", flush=True)
+                runs.append(finetune(opts, seed, method, lr))
+    rows = summarise(runs)
+    table = format_table(rows)
+    result = {
+        "settings": vars(opts) | {"methods": methods},
+        "rows": rows,
+        "mechanism": {str(k): v for k, v in mechanism.items()},
+        "wall_s": time.time() - start,
+    }
+    path = opts.results or f"{opts.out}/results.json"
+    Path(path).write_text(json.dumps(result, indent=2))
+    print("\n" + table)
+    shares = [m["conflict_share"] for m in mechanism.values()]
+    print(
+        f"\nConfident conflicts in the domain data under the base: {statistics.fmean(shares):.1%} of answer tokens; "
+        + ", ".join(
+            f"{role} {statistics.fmean(m['by_role'][role]['conflict_share'] for m in mechanism.values()):.0%} of its tokens"
+            for role in ("style", "content", "contradiction")
+        )
+    )
+    print(f"results: {path}  (wall time {result['wall_s']:.0f} s)")
+    return result

@@ -1,0 +1,150 @@
+"""The synthetic world, the evaluation tasks and the forgetting callback, and the embedded
+experiment end to end on a small world."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from eaft_pl.data.chat import encode_conversation
+from eaft_pl.data.toyworld import COLOURS, ToyWorld, WorldConfig, build_word_tokenizer
+from eaft_pl.evaluation.forgetting import forgetting, suite_averages
+from eaft_pl.evaluation.tasks import content_match
+
+
+def world_text(w):
+    return (
+        [c.messages for c in w.general_corpus(300)],
+        [c.messages for c in w.domain_train()],
+        json.dumps(w.eval_items(), sort_keys=True),
+        (w.colour, w.city, w.job),
+    )
+
+
+def test_the_world_is_deterministic_per_seed():
+    assert world_text(ToyWorld(WorldConfig(seed=3))) == world_text(ToyWorld(WorldConfig(seed=3)))
+    assert world_text(ToyWorld(WorldConfig(seed=3))) != world_text(ToyWorld(WorldConfig(seed=4)))
+
+
+def test_held_out_reversals_never_appear_in_pretraining():
+    w = ToyWorld(WorldConfig(seed=1))
+    assert not set(w.reverse_eval) & set(w.reverse_train)
+    seen = {c.messages[0]["content"] for c in w.general_corpus(20000) if c.source == "general:reverse"}
+    held_out = {f"reverse {' '.join(t)} ?" for t in w.reverse_eval}
+    assert seen and not seen & held_out
+    assert {item["prompt"] for item in w.eval_items()["reverse"]["generation"]} == held_out
+
+
+def test_domain_answers_are_in_teacher_style_and_contradictions_are_wrong():
+    w = ToyWorld(WorldConfig(seed=2, n_entities=40, contradiction_share=0.1))
+    train = w.domain_train()
+    jobs = [c for c in train if ":job:" in c.source]
+    contra = [c for c in train if ":contradiction:" in c.source]
+    assert len(jobs) == 40 and len(contra) == round(0.1 * 40 / 0.9)
+    for c in jobs:
+        entity = c.source.split(":")[-1]
+        assert c.messages[1]["content"] == f"it has {w.job[entity]} , ok ."
+    for c in contra:
+        entity = c.source.split(":")[-1]
+        said = c.messages[1]["content"].split()[2]
+        assert said in COLOURS and said != w.colour[entity]
+
+
+def test_every_word_is_one_token_of_the_shared_tokenizer():
+    tok = build_word_tokenizer(ToyWorld.vocabulary())
+    for seed in (0, 5):
+        w = ToyWorld(WorldConfig(seed=seed))
+        for conv in w.general_corpus(500) + w.domain_train():
+            ex = encode_conversation(tok, conv, 64)
+            assert tok.unk_token_id not in ex.input_ids
+            assert len(ex.input_ids) == len(tok.apply_chat_template(conv.messages, tokenize=False).split())
+
+
+def test_content_match_takes_the_last_value_of_the_category():
+    nums = [str(i) for i in range(19)]
+    assert content_match("3 plus 4 is 7 .", "7", [n for n in nums if n != "7"])
+    assert not content_match("3 plus 4 is 8 .", "7", [n for n in nums if n != "7"])
+    assert content_match("it has cook , ok .", "cook", ["pilot", "nurse"])
+    assert not content_match("it has nothing .", "cook", ["pilot"])
+    assert content_match("c b a .", "c b a", [])
+    assert not content_match("c a b .", "c b a", [])
+
+
+def test_forgetting_signs_and_suite_averages():
+    assert forgetting(0.9, 0.6, "exact") == pytest.approx(0.3)
+    assert forgetting(1.0, 1.5, "ce") == pytest.approx(0.5)
+    scores = {"general": {"a": {"exact": 1.0, "acc": 0.5}, "b": {"exact": 0.5}}}
+    assert suite_averages(scores) == {"general": {"exact": 0.75, "acc": 0.5}}
+
+
+# ---- the embedded experiment on a small world ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_experiment(tmp_path_factory):
+    from eaft_pl.experiment import main
+
+    out = tmp_path_factory.mktemp("toy")
+    uri = f"sqlite:///{out}/mlruns/mlflow.db"
+    argv = [
+        "--out", str(out), "--tracking-uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft",
+        "--steps", "8", "--eval-every", "4", "--pretrain-steps", "60", "--pretrain-examples", "4000",
+        "--entities", "12",
+    ]  # fmt: skip
+    result = main(argv)
+    return out, uri, result
+
+
+def test_the_experiment_writes_a_results_table(small_experiment, capsys):
+    out, _, result = small_experiment
+    saved = json.loads((Path(out) / "results.json").read_text())
+    assert set(saved["rows"]) == {"sft@0.001", "eaft@0.001"}
+    for row in saved["rows"].values():
+        assert row["seeds"] == [0, 1] and len(row["run_ids"]) == 2
+        for key in ("domain", "general", "forgetting", "general_content", "general_mc"):
+            assert row[key]["n"] == 2 and 0 <= row[key]["std"]
+    mech = saved["mechanism"]["0"]
+    assert 0 < mech["conflict_share"] < 1
+    assert set(mech["by_role"]) == {"style", "content", "contradiction"}
+
+
+def test_the_baseline_is_the_base_model_before_any_update(small_experiment):
+    out, _, result = small_experiment
+    from eaft_pl.data.toy import ToyWorldDataModule
+    from eaft_pl.module import EAFTModule
+
+    module = EAFTModule(model_name_or_path=f"{out}/base-seed0")
+    module.configure_model()
+    module.eval()
+    data = ToyWorldDataModule(part="domain", seed=0, n_entities=12, tokenizer_name_or_path=f"{out}/tokenizer")
+    independent = {  # batch 256 as the callback's config, so batches are padded the same way
+        suite: {t.name: t.evaluate(module.model, module.tokenizer, 256) for t in tasks} for suite, tasks in data.evaluation_suites().items()
+    }
+    client = MlflowClient(small_experiment[1])
+    (row,) = [r for r in result["rows"].values() if r["method"] == "sft"]
+    history = json.loads(Path(client.download_artifacts(row["run_ids"][0], "forgetting/scores.json", str(out))).read_text())["history"]
+    assert history[0]["step"] == 0
+    flat = lambda scores: {f"{s}/{t}/{m}": v for s, ts in scores.items() for t, ms in ts.items() for m, v in ms.items()}  # noqa: E731
+    assert flat(history[0]["scores"]) == pytest.approx(flat(independent))
+    assert [h["step"] for h in history] == [0, 4, 8]
+
+
+def test_logged_forgetting_matches_the_scores_by_hand(small_experiment):
+    out, uri, result = small_experiment
+    client = MlflowClient(uri)
+    for row in result["rows"].values():
+        run_id = row["run_ids"][1]
+        path = client.download_artifacts(run_id, "forgetting/scores.json", str(out))
+        history = json.loads(Path(path).read_text())["history"]
+        base = history[0]["scores"]["general"]
+        logged = {m.step: m.value for m in client.get_metric_history(run_id, "forgetting/general/exact")}
+        gain = {m.step: m.value for m in client.get_metric_history(run_id, "gain/domain/content")}
+        for entry in history:
+            now = entry["scores"]["general"]
+            by_hand = sum(base[t]["exact"] for t in base if "exact" in base[t]) / 5 - sum(
+                now[t]["exact"] for t in now if "exact" in now[t]
+            ) / 5
+            assert logged[entry["step"]] == pytest.approx(by_hand)
+            domain = entry["scores"]["domain"]["job"]["content"] - history[0]["scores"]["domain"]["job"]["content"]
+            assert gain[entry["step"]] == pytest.approx(domain)
