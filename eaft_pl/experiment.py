@@ -32,9 +32,16 @@ __all__ = ["main", "ensure_base", "finetune", "conflict_statistics", "summarise"
 
 
 def _cli(args: List[str]) -> Any:
+    import sys
+
     from eaft_pl.cli import cli_main
 
-    return cli_main(args)
+    # LightningCLI warns when sys.argv holds arguments besides `args`: here they are this script's own.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return cli_main(args)
+    finally:
+        sys.argv = argv
 
 
 def _common(opts: argparse.Namespace, seed: int) -> List[str]:

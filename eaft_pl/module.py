@@ -156,6 +156,9 @@ class EAFTModule(pl.LightningModule):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+        # from_pretrained returns the model in eval mode and Lightning (>= 2.2) keeps each submodule's
+        # mode as it finds it: without this, dropout would be off during training.
+        model.train()
         self.model = model
 
     def setup(self, stage: str) -> None:

@@ -160,6 +160,28 @@ def test_weights_load_in_the_requested_dtype(tmp_path, char_tokenizer):
         EAFTModule(model_name_or_path=str(tmp_path / "m"), torch_dtype="bf16").configure_model()
 
 
+def test_a_loaded_model_trains_in_train_mode(tmp_path, char_tokenizer, train_file):
+    # from_pretrained returns eval mode; dropout must be on in training_step, off in validation.
+    build_causal_lm(TINY_LLAMA, char_tokenizer).save_pretrained(tmp_path / "m")
+    char_tokenizer.save_pretrained(tmp_path / "m")
+    modes = []
+
+    class Spy(EAFTModule):
+        def training_step(self, batch, i):
+            modes.append(("train", self.model.training))
+            return super().training_step(batch, i)
+
+        def validation_step(self, batch, i, dataloader_idx=0):
+            modes.append(("val", self.model.training))
+            return super().validation_step(batch, i, dataloader_idx)
+
+    data = InOrderData(train_file=train_file, val_file=train_file, tokenizer_name_or_path=str(tmp_path / "m"), batch_size=4)
+    trainer = pl.Trainer(max_steps=2, val_check_interval=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Spy(model_name_or_path=str(tmp_path / "m")), datamodule=data)
+    assert ("train", True) in modes and ("val", False) in modes
+    assert ("train", False) not in modes and ("val", True) not in modes
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, char_tokenizer):
     model = build_causal_lm({**TINY_LLAMA, "vocab_size": 50}, None)
     model.save_pretrained(tmp_path / "m")

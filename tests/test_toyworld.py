@@ -71,6 +71,41 @@ def test_content_match_takes_the_last_value_of_the_category():
     assert not content_match("c a b .", "c b a", [])
 
 
+def test_tasks_score_a_model_as_a_direct_computation_does(tokenizer_dir):
+    import torch
+
+    from conftest import TINY_LLAMA
+    from eaft_pl.data.chat import Conversation, collate
+    from eaft_pl.evaluation.tasks import MultipleChoiceTask, PerplexityTask
+    from eaft_pl.hub import build_causal_lm, load_tokenizer
+    from eaft_pl.losses import token_statistics
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(0)
+    model = build_causal_lm(TINY_LLAMA, tok).eval()
+    convs = [Conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in [("1+1", "2"), ("hi", "hello there")]]
+    got = PerplexityTask("t", convs).evaluate(model, tok, batch_size=1)
+    with torch.no_grad():
+        batch = collate([encode_conversation(tok, c, 64) for c in convs], tok.pad_token_id)
+        stats = token_statistics(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert got["ce"] == pytest.approx(stats.ce.mean().item(), rel=1e-5)
+    assert got["ppl"] == pytest.approx(torch.exp(stats.ce.mean()).item(), rel=1e-5)
+    # Multiple choice picks the choice with the larger summed log-likelihood, computed here directly.
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    def loglik(choice):
+        ids = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
+        return sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(ids))
+
+    choices = ["ab", "zq", "hello"]
+    best = max(range(3), key=lambda i: loglik(choices[i]))
+    for label in range(3):
+        acc = MultipleChoiceTask("m", [{"prompt": "x", "choices": choices, "label": label}]).evaluate(model, tok)["acc"]
+        assert acc == float(label == best)
+
+
 def test_forgetting_signs_and_suite_averages():
     assert forgetting(0.9, 0.6, "exact") == pytest.approx(0.3)
     assert forgetting(1.0, 1.5, "ce") == pytest.approx(0.5)

@@ -88,7 +88,7 @@ class ToyWorldDataModule(ChatDataModule):
 
     def evaluation_suites(self) -> Dict[str, List[Any]]:
         """``{suite: [task, ...]}`` for :class:`~eaft_pl.evaluation.ForgettingCallback`."""
-        from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask
+        from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
 
         suites: Dict[str, List[Any]] = {}
         for name, spec in self.world.eval_items().items():
@@ -96,4 +96,6 @@ class ToyWorldDataModule(ChatDataModule):
             tasks.append(GenerationTask(name, spec["generation"]))
             if spec["choice"]:
                 tasks.append(MultipleChoiceTask(f"{name}_mc", spec["choice"]))
+        # Perplexity of held-out general text (the house style's answers, choice points included).
+        suites["general"].append(PerplexityTask("text", self.world.general_corpus(self.n_general_val, seed_offset=1), self.max_length))
         return suites

@@ -63,13 +63,18 @@ class ForgettingCallback(Callback):
         self.domain_suites = list(domain_suites) if domain_suites is not None else ["domain"]
         self.history: List[Dict[str, Any]] = []
         self._suites: Optional[Dict[str, List[Any]]] = None
+        self._last_step: Optional[int] = None
 
     # ---- evaluation ----------------------------------------------------------------------------
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.history and self.history[-1]["step"] == step:
-            return  # already evaluated at this step (e.g. the end coincides with an every-N point)
+        # Already evaluated at this step (micro-batches of one step, or the end on an every-N point).
+        # Every rank keeps this counter: only rank zero fills `history`, and all ranks must agree on
+        # whether to reach the barrier below.
+        if step == self._last_step:
+            return
+        self._last_step = step
         if trainer.is_global_zero:
             was_training = pl_module.training
             pl_module.eval()
@@ -110,6 +115,7 @@ class ForgettingCallback(Callback):
             )
         self._suites = datamodule.evaluation_suites()
         self.history = []
+        self._last_step = None
         self._evaluate(trainer, pl_module)  # the base model: no optimizer step has run yet
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
