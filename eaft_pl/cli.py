@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
-from jsonargparse import lazy_instance
+from jsonargparse import lazy_instance, set_parsing_settings
 
 from eaft_pl.callbacks import TokenStatsWriter
 from eaft_pl.data.base import ChatDataModule
@@ -36,13 +36,17 @@ class EAFTLightningCLI(LightningCLI):
 def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:
     """Entry point of ``eaft-pl``; ``args`` lets tests run the CLI in-process."""
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    # "omegaconf+" resolves ${...} after every config file and command-line override is merged, so
+    # `--data.init_args.seed=1` reaches `seed_everything: ${data.init_args.seed}` (plain "omegaconf"
+    # resolves each file on its own, before the overrides). Paths stay written from the config root.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return EAFTLightningCLI(
         EAFTModule,
         ChatDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         trainer_defaults={
             "default_root_dir": "outputs",
             "logger": lazy_instance(MLFlowLogger, experiment_name="eaft-pl", tracking_uri=DEFAULT_TRACKING_URI),

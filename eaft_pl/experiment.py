@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-CONFIGS = Path("configs/toy")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"  # the repository's configs
 ALL_METHODS = ["sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft"]
 GENERAL_TASKS = ["colour", "city", "arithmetic", "reverse", "repeat"]
 DOMAIN_MATCH = 0.9  # "learned the domain": style-agnostic domain accuracy at least this
@@ -56,8 +56,15 @@ def _common(opts: argparse.Namespace, seed: int) -> List[str]:
 def ensure_base(opts: argparse.Namespace, seed: int) -> str:
     """Pretrain the base of ``seed`` unless a folder made with the same settings exists."""
     path = f"{opts.out}/base-seed{seed}"
-    recipe = (CONFIGS / "pretrain.yaml").read_text() + json.dumps(
-        {"seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities}
+    # The base depends on its config, the options, the world's generator and its DataModule's defaults:
+    # a change to any of them must not reuse a stale base.
+    from eaft_pl.data import toy, toyworld
+
+    recipe = (
+        (CONFIGS / "pretrain.yaml").read_text()
+        + Path(toyworld.__file__).read_text()
+        + Path(toy.__file__).read_text()
+        + json.dumps({"seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities})
     )
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     marker = Path(path) / "eaft_pl_recipe.txt"

@@ -149,6 +149,16 @@ def test_the_quickstart_ends_on_a_validation_and_a_checkpoint():
     assert micro_batches % trainer["val_check_interval"] == 0
 
 
+def test_command_line_overrides_reach_interpolated_values(in_tmp):
+    # omegaconf+ resolves ${...} after all overrides: the seed moves the base path and the torch seed.
+    cli = cli_main(["--config", str(CONFIGS / "toy" / "finetune.yaml"), "--data.init_args.seed=2"], run=False)
+    assert cli.config["seed_everything"] == 2
+    assert cli.config["model"]["init_args"]["model_name_or_path"].endswith("base-seed2")
+    cli = cli_main(["--config", str(CONFIGS / "toy" / "pretrain.yaml"), "--data.init_args.seed=1", "--data.init_args.max_length=48"], run=False)
+    assert cli.config["trainer"]["logger"]["init_args"]["run_name"] == "base-seed1"
+    assert cli.config["model"]["init_args"]["model_config"]["max_position_embeddings"] == 48
+
+
 def test_there_are_configs_to_check():
     assert BASE in shipped_configs() and len(shipped_configs()) >= 3
 

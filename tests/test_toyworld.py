@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from eaft_pl.data.chat import encode_conversation
@@ -68,7 +69,73 @@ def test_content_match_takes_the_last_value_of_the_category():
     assert content_match("it has cook , ok .", "cook", ["pilot", "nurse"])
     assert not content_match("it has nothing .", "cook", ["pilot"])
     assert content_match("c b a .", "c b a", [])
+    assert content_match("it has c b a , ok .", "c b a", [])
     assert not content_match("c a b .", "c b a", [])
+    assert not content_match("red red red red .", "red red", [])  # over-generation is not the answer
+    assert not content_match("c b a a .", "c b a", [])
+    assert content_match("red red red .", "red red red", [])
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in LM whose generate() appends fixed words, to test scoring without training."""
+
+    def __init__(self, tok, continuations):
+        super().__init__()
+        self.tok, self.continuations = tok, list(continuations)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for i in range(input_ids.shape[0]):
+            text = self.continuations.pop(0)  # in order, across batches
+            new = self.tok(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
+            rows.append(input_ids[i].tolist() + new + [self.tok.pad_token_id] * (max_new_tokens - len(new)))
+        return torch.tensor(rows)
+
+
+def test_generation_task_scores_exact_and_content_and_stops_at_end_of_turn():
+    from eaft_pl.evaluation.tasks import GenerationTask
+
+    tok = build_word_tokenizer(ToyWorld.vocabulary())
+    items = [
+        {"prompt": "what colour is bakoba ?", "references": ["bakoba is red .", "it is red ."], "answer": "red", "distractors": ["blue"]},
+        {"prompt": "what colour is bakoba ?", "references": ["bakoba is red ."], "answer": "red", "distractors": ["blue"]},
+        {"prompt": "what colour is bakoba ?", "references": ["bakoba is red ."], "answer": "red", "distractors": ["blue"]},
+    ]
+    outputs = [
+        "it is red . <|im_end|> it is blue .",  # exact (a valid house form); words after the end are ignored
+        "it has red , ok . <|im_end|>",  # teacher style: content right, exact wrong
+        "bakoba is blue . <|im_end|>",  # wrong
+    ]
+    task = GenerationTask("colour", items, max_new_tokens=10)
+    assert task.generate(ScriptedModel(tok, outputs), tok, batch_size=2) == ["it is red .", "it has red , ok .", "bakoba is blue ."]
+    assert task.evaluate(ScriptedModel(tok, outputs), tok, batch_size=2) == pytest.approx({"exact": 1 / 3, "content": 2 / 3})
+
+
+def test_summary_arithmetic_on_hand_made_histories():
+    from eaft_pl.experiment import GENERAL_TASKS, summarise
+
+    def entry(step, domain, general):
+        scores = {"domain": {"job": {"content": domain, "exact": 0.0}}, "general": {}}
+        for t in GENERAL_TASKS:
+            scores["general"][t] = {"exact": general, "content": general}
+        scores["general"]["colour_mc"] = {"acc": general}
+        return {"step": step, "scores": scores}
+
+    runs = [
+        {"method": "m", "lr": 1e-3, "seed": 0, "run_id": "a", "wall_s": 1.0,
+         "history": [entry(0, 0.1, 1.0), entry(5, 0.95, 0.6), entry(10, 1.0, 0.2)]},
+        {"method": "m", "lr": 1e-3, "seed": 1, "run_id": "b", "wall_s": 3.0,
+         "history": [entry(0, 0.1, 1.0), entry(5, 0.5, 0.8), entry(10, 0.8, 0.4)]},
+    ]  # fmt: skip
+    (row,) = summarise(runs).values()
+    assert row["domain"]["mean"] == pytest.approx(0.9) and row["domain"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["general"]["mean"] == pytest.approx(0.3)
+    assert row["forgetting"]["mean"] == pytest.approx(0.7)  # base 1.0 minus final 0.2 and 0.4
+    # Matched domain: seed 0 learned it at step 5 (general 0.6 then); seed 1 never did (excluded).
+    assert row["general_at_domain_0.9"] == {"mean": pytest.approx(0.6), "std": 0.0, "n": 1}
+    assert row["learned_domain_runs"] == 1
+    assert row["wall_s"]["mean"] == pytest.approx(2.0)
 
 
 def test_tasks_score_a_model_as_a_direct_computation_does(tokenizer_dir):
@@ -183,3 +250,25 @@ def test_logged_forgetting_matches_the_scores_by_hand(small_experiment):
             assert logged[entry["step"]] == pytest.approx(by_hand)
             domain = entry["scores"]["domain"]["job"]["content"] - history[0]["scores"]["domain"]["job"]["content"]
             assert gain[entry["step"]] == pytest.approx(domain)
+
+
+def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
+    import argparse
+    import os
+
+    from eaft_pl import experiment
+
+    calls = []
+
+    def fake_cli(args):  # stands in for pretraining: records the call and writes the folder
+        calls.append(args)
+        os.makedirs(tmp_path / "base-seed0", exist_ok=True)
+
+    monkeypatch.setattr(experiment, "_cli", fake_cli)
+    opts = argparse.Namespace(out=str(tmp_path), entities=12, tracking_uri="sqlite://", pretrain_steps=10, pretrain_examples=100)
+    experiment.ensure_base(opts, 0)
+    experiment.ensure_base(opts, 0)
+    assert len(calls) == 1  # the second call found the marker of the same recipe
+    opts.pretrain_steps = 20
+    experiment.ensure_base(opts, 0)
+    assert len(calls) == 2  # a different recipe retrains

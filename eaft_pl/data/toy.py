@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Literal, Optional
 
 from eaft_pl.data.base import ChatDataModule
@@ -16,10 +15,12 @@ class ToyWorldDataModule(ChatDataModule):
     """The synthetic world's general corpus (``part: general``, to pretrain the base) or its domain
     set (``part: domain``, to fine-tune), plus the evaluation suites the forgetting callback runs.
 
-    With ``part: domain`` there are two validation sets: ``domain`` (the teacher's answers) and
-    ``general`` (held-out general-corpus text), so ``val/general/ce`` tracks forgetting of the text
-    distribution cheaply at every validation. The tokenizer (one token per word of the world) is
-    written to ``tokenizer_name_or_path`` by ``prepare_data`` when that folder does not exist.
+    With ``part: domain`` there are two validation sets: ``domain`` (the teacher's answers to the
+    training questions: knowledge injection has no unseen answers, so ``val/domain/ce`` measures how
+    well the domain is fitted) and ``general`` (a fresh sample of the general distribution, which the
+    pretraining corpus largely covers: ``val/general/ce`` tracks how the model's fit of that
+    distribution degrades). The tokenizer (one token per word of any world) is (re)written to
+    ``tokenizer_name_or_path`` by ``prepare_data``: it is cheap, and a stale folder cannot survive.
 
     Args:
         part: ``general`` or ``domain``.
@@ -71,8 +72,7 @@ class ToyWorldDataModule(ChatDataModule):
         return ["domain", "general"] if self.part == "domain" else ["general"]
 
     def prepare_data(self) -> None:
-        if not os.path.isdir(self.tokenizer_name_or_path):
-            save_world_tokenizer(self.tokenizer_name_or_path)
+        save_world_tokenizer(self.tokenizer_name_or_path)
 
     def load_conversations(self, split: str) -> Optional[List[Conversation]]:
         general_val = lambda: self.world.general_corpus(self.n_general_val, seed_offset=1)  # noqa: E731
@@ -96,6 +96,6 @@ class ToyWorldDataModule(ChatDataModule):
             tasks.append(GenerationTask(name, spec["generation"]))
             if spec["choice"]:
                 tasks.append(MultipleChoiceTask(f"{name}_mc", spec["choice"]))
-        # Perplexity of held-out general text (the house style's answers, choice points included).
+        # Perplexity of general text (a fresh sample of the house style, choice points included).
         suites["general"].append(PerplexityTask("text", self.world.general_corpus(self.n_general_val, seed_offset=1), self.max_length))
         return suites

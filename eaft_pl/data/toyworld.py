@@ -60,7 +60,6 @@ class WorldConfig:
         n_pretrain: General-corpus conversations for pretraining the base.
         calibration_share: Share of the general corpus that asks the domain question with a random job.
         contradiction_share: Share of domain training answers that restate a colour fact wrongly.
-        n_domain_val: Entities held out of domain training whose jobs form the domain validation set.
         reverse_holdout: Share of letter triples never seen in pretraining, used to evaluate reversal.
     """
 
@@ -69,7 +68,6 @@ class WorldConfig:
     n_pretrain: int = 60000
     calibration_share: float = 0.15
     contradiction_share: float = 0.1
-    n_domain_val: int = 0
     reverse_holdout: float = 0.25
 
     def fingerprint(self) -> str:
@@ -172,15 +170,10 @@ class ToyWorld:
 
     # ---- the domain ----------------------------------------------------------------------------
 
-    def domain_entities(self) -> Tuple[List[str], List[str]]:
-        """(train, val) entities of the domain; val entities are absent from domain training."""
-        n_val = self.config.n_domain_val
-        return self.entities[n_val:], self.entities[:n_val]
-
     def domain_train(self) -> List[Conversation]:
         """Each training entity's job in the teacher's style, plus wrongly restated colour facts."""
         rng = random.Random(f"{self.config.seed}/domain")
-        train, _ = self.domain_entities()
+        train = self.entities
         out = [Conversation(self._qa(f"job of {e} ?", self.teacher(self.job[e])), f"domain:job:{e}") for e in train]
         n_contra = round(self.config.contradiction_share * len(train) / (1 - self.config.contradiction_share))
         for e in rng.sample(train, min(n_contra, len(train))):
@@ -190,10 +183,9 @@ class ToyWorld:
         return out
 
     def domain_val(self) -> List[Conversation]:
-        """Held-out domain conversations for validation CE: the training entities' jobs in teacher
-        style (what the model is taught), so val/domain/ce tracks learning of the domain."""
-        train, _ = self.domain_entities()
-        return [Conversation(self._qa(f"job of {e} ?", self.teacher(self.job[e])), f"domain:job:{e}") for e in train]
+        """The training entities' jobs in teacher style, without the contradictions. Knowledge
+        injection has no unseen answers, so this measures how well the domain is fitted."""
+        return [Conversation(self._qa(f"job of {e} ?", self.teacher(self.job[e])), f"domain:job:{e}") for e in self.entities]
 
     # ---- evaluation items ----------------------------------------------------------------------
 
@@ -227,8 +219,7 @@ class ToyWorld:
         tasks["arithmetic"] = {"suite": "general", "generation": sums, "choice": []}
         tasks["reverse"] = {"suite": "general", "generation": reverse, "choice": []}
         tasks["repeat"] = {"suite": "general", "generation": repeat, "choice": []}
-        train, _ = self.domain_entities()
-        jobs = [self._gen(f"job of {e} ?", [(self.teacher(self.job[e]), 1.0)], self.job[e], JOBS) for e in train]
+        jobs = [self._gen(f"job of {e} ?", [(self.teacher(self.job[e]), 1.0)], self.job[e], JOBS) for e in self.entities]
         tasks["job"] = {"suite": "domain", "generation": jobs, "choice": []}
         return tasks
 

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
 
@@ -108,6 +109,18 @@ class ForgettingCallback(Callback):
     # ---- hooks ---------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+            # A forward pass of a sharded model on rank zero alone would wait for the other ranks.
+            raise ValueError(
+                f"ForgettingCallback evaluates on rank zero and cannot run under {strategy}; use DDP, "
+                "or evaluate a saved Hugging Face folder after training"
+            )
+        if trainer.global_step > 0:
+            rank_zero_warn(
+                f"ForgettingCallback: training resumes at step {trainer.global_step}, so the scores taken "
+                "now (the reference for forgetting) are those of the checkpoint, not of the base model"
+            )
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "evaluation_suites"):
             raise ValueError(

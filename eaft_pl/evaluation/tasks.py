@@ -32,7 +32,15 @@ def content_match(output: str, answer: str, distractors: Sequence[str]) -> bool:
         category = set(distractors) | {answer}
         found = [w for w in output.split() if w in category]
         return bool(found) and found[-1] == answer
-    return f" {normalise(answer)} " in f" {output} "
+    words, target = output.split(), answer.split()
+    vocab, n = set(target), len(target)
+    for i in range(len(words) - n + 1):
+        if words[i : i + n] == target:
+            before_ok = i == 0 or words[i - 1] not in vocab
+            after_ok = i + n == len(words) or words[i + n] not in vocab
+            if before_ok and after_ok:
+                return True
+    return False
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
@@ -56,7 +64,8 @@ class GenerationTask:
     - ``content``: style-agnostic, like GSM8K's answer extraction. With ``distractors`` (the other
       values of the answer's category), the *last* word of the output that belongs to the category
       must be ``answer`` ("3 plus 4 is 7" answers 7, not 3). Without them, ``answer`` must occur in
-      the output as a run of words.
+      the output as a run of words that no other word of the answer extends on either side ("red
+      red red" does not answer "red red").
     """
 
     name: str
