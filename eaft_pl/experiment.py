@@ -194,7 +194,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         # Matched comparison: the best general score among evaluations that learned the domain.
         matched = []
         for r in members:
-            learned = [_scores(e)["general"] for e in r["history"] if _scores(e)["domain"] >= DOMAIN_MATCH]
+            learned = [s["general"] for s in map(_scores, r["history"]) if s["domain"] >= DOMAIN_MATCH]
             matched.append(max(learned) if learned else float("nan"))
         row = {"method": members[0]["method"], "lr": members[0]["lr"], "seeds": [r["seed"] for r in members]}
         for name in final[0]:

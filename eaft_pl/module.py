@@ -162,14 +162,12 @@ class EAFTModule(pl.LightningModule):
         self.model = model
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = list(getattr(datamodule, "val_names", ["domain"]))
         for prefix in ("val", "test"):
-            for name in names:
+            for name in self._eval_names():
                 key = f"{prefix}_{name}"
                 if key not in self.eval_metrics:
                     self.eval_metrics[key] = self._new_metric()
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        strategy = type(self.trainer.strategy).__name__
         if "DeepSpeed" in strategy and self.hparams.loss_normalization == "step":
             raise ValueError(
                 "DeepSpeed scales and owns the gradients, so the step-level token normalisation cannot be "

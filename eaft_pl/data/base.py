@@ -10,7 +10,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from eaft_pl.data.chat import Conversation, DataError, EncodedExample, SplitSummary, collate, encode_conversation
+from eaft_pl.data.chat import (
+    Conversation,
+    DataError,
+    EncodedExample,
+    SplitSummary,
+    collate,
+    encode_conversation,
+    pad_token_id,
+)
 from eaft_pl.hub import load_tokenizer
 
 __all__ = ["ChatDataModule"]
@@ -106,12 +114,7 @@ class ChatDataModule(pl.LightningDataModule):
     @property
     def pad_token_id(self) -> int:
         self._ensure_tokenizer()
-        tok = self.tokenizer
-        # The pad id only fills positions that attention and the loss ignore; any valid id works.
-        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return pad_token_id(self.tokenizer)
 
     def encode_split(self, split: str, conversations: List[Conversation]) -> List[EncodedExample]:
         """Tokenise a split, drop (and count) examples left with no supervised token."""

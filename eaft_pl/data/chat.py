@@ -28,6 +28,7 @@ __all__ = [
     "assistant_char_spans",
     "encode_conversation",
     "collate",
+    "pad_token_id",
 ]
 
 
@@ -155,6 +156,15 @@ def encode_conversation(
             labels[j] = input_ids[j]
     truncated = len(input_ids) > max_length
     return EncodedExample(input_ids[:max_length], labels[:max_length], conversation.source, truncated)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its end of sequence, else 0. It only
+    fills positions that attention and the loss ignore, so any valid id works."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def collate(

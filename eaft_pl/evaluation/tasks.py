@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from eaft_pl.data.chat import Conversation, collate, encode_conversation
+from eaft_pl.data.chat import Conversation, collate, encode_conversation, pad_token_id
 from eaft_pl.losses import token_statistics
 
 __all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
@@ -85,7 +85,7 @@ class GenerationTask:
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:
         device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         outputs: List[str] = []
         for chunk in _batches(self.items, batch_size):
             prompts = [_prompt_ids(tokenizer, item["prompt"]) for item in chunk]
@@ -121,7 +121,7 @@ class MultipleChoiceTask:
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
         device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_token_id(tokenizer)
         pairs = []  # (item index, choice index, prompt ids, choice ids)
         for i, item in enumerate(self.items):
             prompt = _prompt_ids(tokenizer, item["prompt"])
@@ -159,7 +159,7 @@ class PerplexityTask:
         device = next(model.parameters()).device
         if not self._encoded:
             self._encoded = [encode_conversation(tokenizer, c, self.max_length) for c in self.conversations]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_token_id(tokenizer)
         total, count = 0.0, 0
         for chunk in _batches(self._encoded, batch_size):
             batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
