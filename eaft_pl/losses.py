@@ -42,6 +42,7 @@ __all__ = [
     "token_statistics",
     "topk_entropy",
     "full_entropy",
+    "logit_grad_norm",
     "reduce_weighted",
     "Gate",
     "SFTGate",
@@ -75,6 +76,9 @@ class TokenStats:
         topk_entropy: Entropy in nats of the softmax renormalised over the K largest logits (detached).
         top_k: The K actually used (the requested K clamped to the vocabulary size).
         full_entropy: Full-vocabulary entropy in nats (detached), or ``None`` when not requested.
+        logit_grad_norm: ``||softmax(z) - onehot(label)||_2``, the norm of the unweighted CE gradient
+            with respect to the logits (detached; a gate scales it by its weight), or ``None`` when not
+            requested.
     """
 
     ce: Tensor
@@ -82,6 +86,7 @@ class TokenStats:
     topk_entropy: Tensor
     top_k: int
     full_entropy: Optional[Tensor] = None
+    logit_grad_norm: Optional[Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +127,18 @@ def full_entropy(logits: Tensor) -> Tensor:
     return -torch.nan_to_num(logp.exp() * logp, nan=0.0).sum(-1)  # (...)
 
 
+def logit_grad_norm(logits: Tensor, labels: Tensor) -> Tensor:
+    """``||softmax(z) - onehot(y)||_2`` per row: the size of the CE gradient on the logits.
+
+    Uses ``||p - e_y||^2 = sum_i p_i^2 - 2 p_y + 1`` with ``sum p^2 = exp(logsumexp(2 log p))``, so no
+    ``(N, V)`` difference tensor is built. Lies in ``[0, sqrt(2)]``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    sum_p2 = torch.logsumexp(2.0 * logp, dim=-1).exp()  # (...)
+    p_y = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).exp()  # (...)
+    return (sum_p2 - 2.0 * p_y + 1.0).clamp(min=0.0).sqrt()
+
+
 def _validate_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
         raise ValueError(
@@ -136,6 +153,7 @@ def token_statistics(
     top_k: int = 20,
     ignore_index: int = IGNORE_INDEX,
     compute_full_entropy: bool = False,
+    compute_grad_norm: bool = False,
 ) -> TokenStats:
     """Shift labels by one and compute the statistics of every supervised token.
 
@@ -149,6 +167,7 @@ def token_statistics(
         top_k: K of the top-K entropy; clamped to the vocabulary size.
         ignore_index: Label value of unsupervised positions.
         compute_full_entropy: Also compute the exact full-vocabulary entropy (about 3x CE cost).
+        compute_grad_norm: Also compute :func:`logit_grad_norm` (a diagnostic, about 2x CE cost).
 
     Returns:
         The :class:`TokenStats` of the supervised tokens.
@@ -177,6 +196,7 @@ def token_statistics(
             topk_entropy=topk_entropy(zd, k),
             top_k=k,
             full_entropy=full_entropy(zd) if compute_full_entropy else None,
+            logit_grad_norm=logit_grad_norm(zd, y) if compute_grad_norm else None,
         )
     return stats
 

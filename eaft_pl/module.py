@@ -116,6 +116,9 @@ class EAFTModule(pl.LightningModule):
         self._loss_divisor = 0.0  # a fixed divisor keeping micro-batch losses near 1 (see training_step)
         self._last_logged_step = 0
         self._step_lr: Optional[float] = None
+        #: Set by callbacks that read ``TokenStats.logit_grad_norm`` from the outputs of validation/test
+        #: steps (e.g. training diagnostics); off by default because it costs another pass over the logits.
+        self.eval_grad_norm = False
 
     # ---- model ---------------------------------------------------------------------------------
 
@@ -178,7 +181,7 @@ class EAFTModule(pl.LightningModule):
         """Return the logits ``(B, T, V)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def token_stats(self, batch: Dict[str, Tensor]) -> Tuple[TokenStats, Tensor]:
+    def token_stats(self, batch: Dict[str, Tensor], *, grad_norm: bool = False) -> Tuple[TokenStats, Tensor]:
         """Run the model on a batch and return the supervised tokens' statistics and gate weights."""
         logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
         stats = token_statistics(
@@ -186,6 +189,7 @@ class EAFTModule(pl.LightningModule):
             batch["labels"],
             top_k=self.hparams.top_k,
             compute_full_entropy=self.hparams.log_full_entropy or self.gate.needs_full_entropy,
+            compute_grad_norm=grad_norm,
         )
         return stats, self.gate(stats)
 
@@ -262,10 +266,12 @@ class EAFTModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         return list(getattr(datamodule, "val_names", ["domain"]))
 
-    def _eval_step(self, prefix: str, batch: Dict[str, Tensor], dataloader_idx: int) -> None:
-        stats, weights = self.token_stats(batch)
+    def _eval_step(self, prefix: str, batch: Dict[str, Tensor], dataloader_idx: int) -> Dict[str, Any]:
+        stats, weights = self.token_stats(batch, grad_norm=self.eval_grad_norm)
         name = self._eval_names()[dataloader_idx]
         self.eval_metrics[f"{prefix}_{name}"].update(stats, weights)
+        # Callbacks receive these as ``outputs`` in on_{validation,test}_batch_end (diagnostics).
+        return {"stats": stats, "weights": weights, "name": name}
 
     def _eval_epoch_end(self, prefix: str) -> None:
         for name in self._eval_names():
@@ -277,14 +283,16 @@ class EAFTModule(pl.LightningModule):
             if values["tokens"] > 0:
                 self.log_dict({f"{prefix}/{name}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
 
-    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """Update ``val/<name>/*`` and return ``{"stats", "weights", "name"}`` for callbacks."""
+        return self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+    def test_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """Update ``test/<name>/*`` and return ``{"stats", "weights", "name"}`` for callbacks."""
+        return self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

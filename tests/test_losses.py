@@ -359,3 +359,13 @@ def test_bad_shapes_and_quantiles_raise():
         token_statistics(torch.zeros(1, 3, 1), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="quantile"):
         EntropyMaskGate(1.5)
+
+
+def test_logit_grad_norm_equals_the_norm_of_the_ce_gradient():
+    logits, labels = random_batch(seed=3)
+    stats = token_statistics(logits, labels, top_k=5, compute_grad_norm=True)
+    z = logits[:, :-1][labels[:, 1:] != -100].detach().requires_grad_(True)
+    y = labels[:, 1:][labels[:, 1:] != -100]
+    grads = [torch.autograd.grad(torch.nn.functional.cross_entropy(z[i], y[i]), z)[0][i] for i in range(len(y))]
+    expected = torch.stack([g.norm() for g in grads])
+    torch.testing.assert_close(stats.logit_grad_norm, expected, atol=1e-5, rtol=1e-5)
