@@ -130,7 +130,7 @@ def conflict_statistics(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
     tok = data.tokenizer
     with torch.no_grad():
         for example in data.datasets["train"]:
-            stats, _ = module.token_stats(collate([example], data.pad_token_id))
+            stats, _, _ = module.token_stats(collate([example], data.pad_token_id))
             flags = confident_conflicts(stats, 0.17, 0.1).tolist()
             targets = [t for t, label in zip(example.input_ids[1:], example.labels[1:]) if label != -100]
             contradiction = ":contradiction:" in example.source

@@ -258,6 +258,10 @@ class Gate:
     name: str = "gate"
     #: Set to True if :meth:`weights` reads ``stats.full_entropy``.
     needs_full_entropy: bool = False
+    #: True if a token's weight depends on that token's statistics only (not on the batch's). The
+    #: chunked loss then computes weights and gradients chunk by chunk in one pass; otherwise it
+    #: gathers all statistics first and recomputes the logits for the gradient (always correct).
+    token_local: bool = False
 
     def weights(self, stats: TokenStats) -> Tensor:
         raise NotImplementedError
@@ -278,6 +282,7 @@ class SFTGate(Gate):
     """Plain supervised fine-tuning: every token has weight 1."""
 
     name = "sft"
+    token_local = True
 
     def weights(self, stats: TokenStats) -> Tensor:
         return torch.ones_like(stats.ce)
@@ -295,6 +300,7 @@ class EAFTGate(Gate):
     """
 
     name = "eaft"
+    token_local = True
 
     def __init__(self, alpha: float = 1.0, normalizer: Normalizer = "log_k") -> None:
         if not alpha >= 0:
@@ -317,6 +323,7 @@ class SigmoidGate(Gate):
     """
 
     name = "eaft_sigmoid"
+    token_local = True
 
     def __init__(self, steepness: float = 30.0, midpoint: float = 0.17) -> None:
         self.steepness = float(steepness)
@@ -386,6 +393,7 @@ class DFTGate(Gate):
     """Dynamic Fine-Tuning (Wu et al. 2025): weight = detached probability of the label."""
 
     name = "dft"
+    token_local = True
 
     def weights(self, stats: TokenStats) -> Tensor:
         return stats.label_prob

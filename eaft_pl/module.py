@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
 from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
 from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
 from eaft_pl.metrics import TokenStatsMetric
@@ -67,6 +68,13 @@ class EAFTModule(pl.LightningModule):
             entropy is at most this ...
         conflict_max_label_prob: ... and its label probability is at most this.
         log_full_entropy: Also log full-vocabulary entropy (costs about 3x a CE forward).
+        chunk_size: Compute the loss from the backbone's hidden states and the LM-head weight this many
+            tokens at a time (:mod:`eaft_pl.chunked`), so the ``(tokens, vocab)`` logits never exist in
+            full: the memory of the loss drops from several times the logits to a few
+            ``(chunk_size, vocab)`` buffers, for every gate, with the same values and gradients. Needs a
+            model whose logits are its LM head applied to the last hidden state, optionally scaled or
+            soft-capped (Llama, Qwen2/2.5/3, Mistral, Gemma 2/3, Phi-3, Cohere, Granite, ...; checked on
+            a short input when the model is built). ``None`` (default) uses the plain path.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class EAFTModule(pl.LightningModule):
         conflict_max_norm_entropy: float = 0.17,
         conflict_max_label_prob: float = 0.1,
         log_full_entropy: bool = False,
+        chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -106,10 +115,13 @@ class EAFTModule(pl.LightningModule):
             raise ValueError(f"model.init_args.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
         if loss_normalization not in ("step", "micro_batch"):
             raise ValueError(f"model.init_args.loss_normalization must be 'step' or 'micro_batch', got {loss_normalization!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"model.init_args.chunk_size must be a positive integer or null, got {chunk_size!r}")
         self.save_hyperparameters()
         self.gate: Gate = gate if gate is not None else EAFTGate()
         self.model: Optional[nn.Module] = None
         self.tokenizer: Any = None
+        self.logit_transform = LogitTransform()
         self.train_metrics = self._new_metric()
         self.eval_metrics = nn.ModuleDict()
         self._step_tokens = 0  # supervised tokens of the optimizer step being accumulated
@@ -159,6 +171,9 @@ class EAFTModule(pl.LightningModule):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+        if hp.chunk_size is not None:
+            self.logit_transform = LogitTransform.from_config(model.config)
+            check_chunked_support(model, self.logit_transform)
         # from_pretrained returns the model in eval mode and Lightning (>= 2.2) keeps each submodule's
         # mode as it finds it: without this, dropout would be off during training.
         model.train()
@@ -171,6 +186,10 @@ class EAFTModule(pl.LightningModule):
                 if key not in self.eval_metrics:
                     self.eval_metrics[key] = self._new_metric()
         strategy = type(self.trainer.strategy).__name__
+        if self.hparams.chunk_size is not None and ("FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy):
+            # The chunked loss reads the LM-head weight outside the model's forward, where a sharded
+            # strategy has not gathered it.
+            raise ValueError(f"model.init_args.chunk_size is not supported with {strategy} (sharded weights); unset it or use DDP")
         if "DeepSpeed" in strategy and self.hparams.loss_normalization == "step":
             raise ValueError(
                 "DeepSpeed scales and owns the gradients, so the step-level token normalisation cannot be "
@@ -181,17 +200,35 @@ class EAFTModule(pl.LightningModule):
         """Return the logits ``(B, T, V)``."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def token_stats(self, batch: Dict[str, Tensor], *, grad_norm: bool = False) -> Tuple[TokenStats, Tensor]:
-        """Run the model on a batch and return the supervised tokens' statistics and gate weights."""
-        logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
-        stats = token_statistics(
-            logits,
+    def token_stats(self, batch: Dict[str, Tensor], *, grad_norm: bool = False) -> Tuple[TokenStats, Tensor, Tensor]:
+        """Run the model on a batch; return the supervised tokens' statistics, their gate weights and
+        ``sum(weights * ce)`` (the only one of the three with gradient)."""
+        hp = self.hparams
+        full = hp.log_full_entropy or self.gate.needs_full_entropy
+        if hp.chunk_size is None:
+            logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+            stats = token_statistics(
+                logits, batch["labels"], top_k=hp.top_k, compute_full_entropy=full, compute_grad_norm=grad_norm
+            )
+            weights = self.gate(stats)
+            return stats, weights, (weights * stats.ce).sum()  # an attached 0 when there is no token
+        backbone = self.model.get_decoder()
+        hidden = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).last_hidden_state  # (B, T, H): the LM head never sees the whole sequence
+        head = self.model.get_output_embeddings()
+        return chunked_token_statistics(
+            hidden,
+            head.weight,
             batch["labels"],
-            top_k=self.hparams.top_k,
-            compute_full_entropy=self.hparams.log_full_entropy or self.gate.needs_full_entropy,
+            self.gate,
+            bias=head.bias,
+            top_k=hp.top_k,
+            chunk_size=hp.chunk_size,
+            transform=self.logit_transform,
+            compute_full_entropy=full,
             compute_grad_norm=grad_norm,
         )
-        return stats, self.gate(stats)
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -216,9 +253,8 @@ class EAFTModule(pl.LightningModule):
         self._last_logged_step = self.trainer.global_step
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats, weights = self.token_stats(batch)
+        stats, weights, weighted_sum = self.token_stats(batch)
         self.train_metrics.update(stats, weights)
-        weighted_sum = (weights * stats.ce).sum()  # an attached 0 when the micro-batch has no token
         if self.hparams.loss_normalization == "micro_batch":
             return weighted_sum / max(stats.num_tokens, 1)
         self._step_tokens += stats.num_tokens
@@ -267,7 +303,7 @@ class EAFTModule(pl.LightningModule):
         return list(getattr(datamodule, "val_names", ["domain"]))
 
     def _eval_step(self, prefix: str, batch: Dict[str, Tensor], dataloader_idx: int) -> Dict[str, Any]:
-        stats, weights = self.token_stats(batch, grad_norm=self.eval_grad_norm)
+        stats, weights, _ = self.token_stats(batch, grad_norm=self.eval_grad_norm)
         name = self._eval_names()[dataloader_idx]
         self.eval_metrics[f"{prefix}_{name}"].update(stats, weights)
         # Callbacks receive these as ``outputs`` in on_{validation,test}_batch_end (diagnostics).
@@ -299,7 +335,7 @@ class EAFTModule(pl.LightningModule):
 
     def predict_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
         """Per-example means over the supervised tokens: ce, label_prob, topk_entropy, weight, tokens."""
-        stats, weights = self.token_stats(batch)
+        stats, weights, _ = self.token_stats(batch)
         labels = batch["labels"][:, 1:]  # (B, T-1): the positions token_statistics kept, in order
         row = torch.nonzero(labels != -100, as_tuple=True)[0]  # (N,) example index of each token
         batch_size = labels.shape[0]

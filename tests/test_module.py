@@ -130,7 +130,7 @@ def test_gradients_equal_the_weighted_loss_gradient(train_file, tokenizer_dir):
     data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=4)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    stats, weights = module.token_stats(batch)
+    stats, weights, _ = module.token_stats(batch)
     ((weights * stats.ce).sum() / stats.num_tokens).backward()
     expected = {f"model.{n}": p.grad for n, p in module.model.named_parameters()}
     assert_grads_close(grads, expected)
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(train_file, tokenizer_d
         name = "is_activation_checkpointing" if hasattr(module.model, "is_activation_checkpointing") else "is_gradient_checkpointing"
         assert getattr(module.model, name) is checkpointing
         module.train()
-        stats, weights = module.token_stats(batch)
+        stats, weights, _ = module.token_stats(batch)
         ((weights * stats.ce).sum() / stats.num_tokens).backward()
         grads.append({n: p.grad for n, p in module.named_parameters()})
     assert_grads_close(grads[0], grads[1])
@@ -257,7 +257,7 @@ def test_metric_sums_stay_float64_under_bf16_true(train_file, tokenizer_dir):
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data.val_dataloader():
-            stats, _ = module.token_stats(batch)
+            stats, _, _ = module.token_stats(batch)
             total += stats.ce.double().sum().item()
             count += stats.num_tokens
     assert result["val/domain/ce"] == pytest.approx(total / count, rel=1e-6)
@@ -272,7 +272,7 @@ def test_predict_returns_per_example_means(train_file, tokenizer_dir):
     batch = next(iter(data.train_dataloader()))
     out = module.predict_step(batch, 0)
     for i in range(4):
-        stats, weights = module.token_stats({k: v[i : i + 1] for k, v in batch.items()})
+        stats, weights, _ = module.token_stats({k: v[i : i + 1] for k, v in batch.items()})
         assert out["tokens"][i].item() == stats.num_tokens
         for key, values in (("ce", stats.ce), ("label_prob", stats.label_prob), ("topk_entropy", stats.topk_entropy), ("weight", weights)):
             assert out[key][i].item() == pytest.approx(values.mean().item(), rel=1e-5), key
