@@ -94,21 +94,35 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], transform: 
     return z, transform.apply_(z)
 
 
-def _chunk_stats(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
-    """Per-token statistics of one chunk's fp32 logits, and the log-partition for the gradient."""
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    ce = lse - z.gather(1, y.unsqueeze(1)).squeeze(1)  # (C,)
-    out = {"ce": ce, "lse": lse, "topk_entropy": topk_entropy(z, k)}
-    if want_full:
+def _chunk_stats_(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
+    """Per-token statistics of one chunk's fp32 logits, and its log-partition ``lse``.
+
+    Turns ``z`` into the softmax in place: the gradient needs exactly that, and computing the
+    log-partition through ``torch.logsumexp`` would allocate a second ``(C, V)`` buffer.
+    """
+    out = {"topk_entropy": topk_entropy(z, k)}
+    if want_full:  # opt-in diagnostics, computed before z is overwritten
         out["full_entropy"] = full_entropy(z)
     if want_grad_norm:
         out["logit_grad_norm"] = logit_grad_norm(z, y)
+    z_label = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (C,)
+    top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - max)
+    z.div_(total)  # softmax
+    lse = (top + total.log()).squeeze(1)  # (C,)
+    out["lse"] = lse
+    out["ce"] = lse - z_label
     return out
 
 
-def _chunk_grad_(z: Tensor, lse: Tensor, y: Tensor, w: Tensor, derivative: Union[Tensor, float]) -> Tensor:
-    """Turn the chunk's logits, in place, into ``d(sum w * CE)/d(raw logits)``."""
-    g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+def _softmax_(z: Tensor, lse: Tensor) -> Tensor:
+    """Softmax of recomputed logits from the log-partition of the first pass, in place."""
+    return z.sub_(lse.unsqueeze(1)).exp_()
+
+
+def _chunk_grad_(p: Tensor, y: Tensor, w: Tensor, derivative: Union[Tensor, float]) -> Tensor:
+    """Turn the chunk's softmax, in place, into ``d(sum w * CE)/d(raw logits)``."""
+    g = p
     g[torch.arange(y.numel(), device=y.device), y] -= 1.0
     g.mul_(w.unsqueeze(1))
     if not (isinstance(derivative, float) and derivative == 1.0):
@@ -163,8 +177,8 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
     weights = torch.empty(n, dtype=torch.float32, device=h.device)
     fused = grads is not None and plan.gate.token_local
 
-    def grad_of_chunk(z: Tensor, derivative: Union[Tensor, float], s: int, e: int) -> None:
-        g = _chunk_grad_(z, parts["lse"][s:e], y[s:e], weights[s:e], derivative)
+    def grad_of_chunk(p: Tensor, derivative: Union[Tensor, float], s: int, e: int) -> None:
+        g = _chunk_grad_(p, y[s:e], weights[s:e], derivative)
         if "hidden" in grads:
             grads["hidden"][s:e] = g.to(weight.dtype) @ weight  # (C, H)
         if "weight" in grads:
@@ -174,7 +188,7 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
 
     for s, e in plan.chunks(n):
         z, derivative = _chunk_logits(h[s:e], weight, bias, plan.transform)
-        for name, value in _chunk_stats(z, y[s:e], plan.top_k, plan.want_full, plan.want_grad_norm).items():
+        for name, value in _chunk_stats_(z, y[s:e], plan.top_k, plan.want_full, plan.want_grad_norm).items():
             parts[name][s:e] = value
         if fused:
             weights[s:e] = plan.gate(plan.token_stats({k: v[s:e] for k, v in parts.items()}))
@@ -187,7 +201,7 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
         if grads is not None:
             for s, e in plan.chunks(n):  # second pass: recompute each chunk's logits for its gradient
                 z, derivative = _chunk_logits(h[s:e], weight, bias, plan.transform)
-                grad_of_chunk(z, derivative, s, e)
+                grad_of_chunk(_softmax_(z, parts["lse"][s:e]), derivative, s, e)
                 del z, derivative
     plan.weights = weights
     return (weights * parts["ce"]).sum()

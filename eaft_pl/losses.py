@@ -181,22 +181,29 @@ def token_statistics(
     vocab = logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"the vocabulary must hold at least 2 tokens, got logits with {vocab}")
-    shift_logits = logits[..., :-1, :]  # (B, T-1, V)
-    shift_labels = labels[..., 1:]  # (B, T-1)
-    mask = shift_labels != ignore_index  # (B, T-1)
-    z = shift_logits[mask]  # (N, V): indexing keeps the graph, and N may be 0
-    y = shift_labels[mask]  # (N,)
-    ce = F.cross_entropy(z.float(), y, reduction="none")  # (N,)
+    # Shift the labels, not the logits: slicing or masking the (B, T, V) logits would copy them, and
+    # their backward would fill two more tensors of that size. The last position gets ignore_index.
+    shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,)
+    flat = logits.reshape(-1, vocab)  # (B*T, V), a view of contiguous logits
+    index = torch.nonzero(shift_labels != ignore_index).squeeze(1)  # (N,)
+    y = shift_labels[index]  # (N,)
+    # Every row goes through the CE kernel (as in HF's and LLaMA-Factory's losses); only the (N,)
+    # results of the supervised rows are kept.
+    ce = F.cross_entropy(flat.float(), shift_labels, reduction="none", ignore_index=ignore_index)[index]  # (N,)
     with torch.no_grad():
-        zd = z.detach()
+        fd = flat.detach()
         k = min(top_k, vocab)
+        # topk over all rows and keep N results: cheaper than copying the N supervised rows first.
+        topk_h = topk_entropy(fd, k)[index]
+        # The opt-in diagnostics work on a copy of the supervised rows.
+        z = fd[index] if compute_full_entropy or compute_grad_norm else None
         stats = TokenStats(
             ce=ce,
             label_prob=torch.exp(-ce.detach()),
-            topk_entropy=topk_entropy(zd, k),
+            topk_entropy=topk_h,
             top_k=k,
-            full_entropy=full_entropy(zd) if compute_full_entropy else None,
-            logit_grad_norm=logit_grad_norm(zd, y) if compute_grad_norm else None,
+            full_entropy=full_entropy(z) if compute_full_entropy else None,
+            logit_grad_norm=logit_grad_norm(z, y) if compute_grad_norm else None,
         )
     return stats
 

@@ -33,8 +33,8 @@ class SaveGrads(EAFTModule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("normalization", ["step", "micro_batch"])
-def test_two_ranks_equal_one_process(tmp_path, tokenizer_dir, normalization):
+@pytest.mark.parametrize("normalization, micro_batch, accumulate", [("step", 2, 1), ("step", 1, 2), ("micro_batch", 2, 1)])
+def test_two_ranks_equal_one_process(tmp_path, tokenizer_dir, normalization, micro_batch, accumulate):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     # The reference: one process, one batch of the four examples.
@@ -43,9 +43,10 @@ def test_two_ranks_equal_one_process(tmp_path, tokenizer_dir, normalization):
     pl.seed_everything(0)
     module = SaveGrads(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gate=EAFTGate(), loss_normalization=normalization)
     module.grads_path = str(tmp_path / "grads.pt")  # an instance attribute travels to the spawned ranks
-    data = InOrderData(train_file=str(train), tokenizer_name_or_path=str(tokenizer_dir), batch_size=2)
+    data = InOrderData(train_file=str(train), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
         max_steps=1,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
