@@ -257,6 +257,16 @@ class EAFTModule(pl.LightningModule):
         self.train_metrics.update(stats, weights)
         if self.hparams.loss_normalization == "micro_batch":
             return weighted_sum / max(stats.num_tokens, 1)
+        if self.trainer.accumulate_grad_batches == 1:
+            # The step is this one micro-batch: its global token count is known now, so divide the loss
+            # by it and spare on_before_optimizer_step a pass over every gradient. DDP averages the
+            # gradients over ranks, hence the factor world_size.
+            self._step_tokens = -1  # marks the step as normalised already
+            if self.trainer.world_size == 1:
+                return weighted_sum / max(stats.num_tokens, 1)
+            tokens = torch.tensor(float(stats.num_tokens), device=self.device)
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")  # a tensor: no host sync
+            return weighted_sum * self.trainer.world_size / tokens.clamp(min=1.0)
         self._step_tokens += stats.num_tokens
         # Any constant divisor is undone exactly in on_before_optimizer_step; one near a micro-batch's
         # token count keeps the backward pass at the magnitude of a mean (fp16 loss scaling cares).
@@ -269,6 +279,9 @@ class EAFTModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves after)
         if self.hparams.loss_normalization != "step":
+            return
+        if self._step_tokens == -1:  # normalised in training_step
+            self._step_tokens = 0
             return
         # Lightning divided every micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged the
         # gradients over ranks; undo both (and our divisor) and divide by the step's global token count.
