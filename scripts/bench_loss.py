@@ -1,0 +1,186 @@
+"""Memory and time of the EAFT loss on an LM head with a large vocabulary, one fresh process per variant.
+
+Variants, all on the same random hidden states, LM-head weight and labels (a third of each sequence
+masked as prompt), forward and backward down to the hidden states and the weight:
+
+- ``lf``: a faithful re-implementation of LLaMA-Factory's ``eaft_loss_func`` on the full logits
+  (``tests/reference_llamafactory.py``);
+- ``plain``: eaft-pl's plain path (``eaft_loss`` on the full logits);
+- ``chunked``: eaft-pl's chunked path (``chunked_gated_loss``, no full logits), at each ``--chunk-sizes``;
+- ``ce``: plain ``F.cross_entropy`` SFT on the full logits, the speed floor.
+
+Each variant runs in its own process so that one's peak memory cannot hide in another's; peak memory
+is the process's maximum resident set (``ru_maxrss``) minus its resident set before the inputs were
+made. ``floor_mb`` is what any method must hold: hidden states, LM-head weight and its gradient.
+
+Usage::
+
+    python scripts/bench_loss.py                    # V=151,936, H=1,024, 4,096 tokens, fp32
+    python scripts/bench_loss.py --vocab 32000 --tokens 2048 --reps 5
+
+Prints one JSON line per variant, then a ``summary`` line with the ratios and the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_inputs(args):
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    seq = args.tokens // args.batch
+    hidden = torch.randn(args.batch, seq, args.hidden, generator=g)
+    weight = torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5 * 4  # a spread of entropies
+    labels = torch.randint(0, args.vocab, (args.batch, seq), generator=g)
+    labels[:, : seq // 3] = -100  # the prompt third of every sequence
+    return hidden.requires_grad_(True), weight.requires_grad_(True), labels
+
+
+def loss_function(variant: str, chunk_size: int):
+    import torch
+    import torch.nn.functional as F
+
+    from eaft_pl.chunked import chunked_gated_loss
+    from eaft_pl.losses import EAFTGate, eaft_loss
+
+    if variant == "lf":
+        sys.path.insert(0, str(REPO / "tests"))
+        from reference_llamafactory import lf_eaft_loss_func
+
+        return lambda h, w, y: lf_eaft_loss_func(h @ w.T, y)
+    if variant == "plain":
+        return lambda h, w, y: eaft_loss(h @ w.T, y)
+    if variant == "chunked":
+        gate = EAFTGate()
+        return lambda h, w, y: chunked_gated_loss(h, w, y, gate, chunk_size=chunk_size)
+    if variant == "ce":
+
+        def ce(h, w, y):
+            logits = h @ w.T
+            shift = F.pad(y[..., 1:], (0, 1), value=-100)  # no copy of the logits for the shift
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100)
+
+        return ce
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    fn = loss_function(args.worker, args.chunk_size)
+    base = current_rss_mb()
+    hidden, weight, labels = make_inputs(args)
+    times, losses = [], []
+    for rep in range(args.warmup + args.reps):
+        hidden.grad = weight.grad = None
+        start = time.perf_counter()
+        loss = fn(hidden, weight, labels)
+        loss.backward()
+        elapsed = time.perf_counter() - start
+        if rep >= args.warmup:
+            times.append(elapsed)
+            losses.append(float(loss))
+    floor = (hidden.numel() + 2 * weight.numel()) * 4 / 2**20
+    return {
+        "variant": args.worker + (f"@{args.chunk_size}" if args.worker == "chunked" else ""),
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "tokens": args.tokens,
+        "median_s": round(statistics.median(times), 3),
+        "times_s": [round(t, 3) for t in times],
+        "peak_mb": round(peak_rss_mb() - base, 1),
+        "floor_mb": round(floor, 1),
+        "loss": losses[0],
+        "grad_weight_norm": float(weight.grad.norm()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_variant(args, variant: str, chunk_size: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--chunk-size", str(chunk_size)]
+    for name in ("vocab", "hidden", "tokens", "batch", "reps", "warmup", "seed", "threads"):
+        cmd += [f"--{name}", str(getattr(args, name))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list) -> dict:
+    by = {r["variant"]: r for r in results}
+    summary = {"summary": True}
+    if "lf" in by and "ce" in by:
+        for name, r in by.items():
+            if name.startswith("chunked"):
+                summary[name] = {
+                    "memory_vs_lf": round(r["peak_mb"] / by["lf"]["peak_mb"], 3),
+                    "memory_vs_floor": round(r["peak_mb"] / r["floor_mb"], 3),
+                    "time_vs_lf": round(r["median_s"] / by["lf"]["median_s"], 3),
+                    "time_vs_ce": round(r["median_s"] / by["ce"]["median_s"], 3),
+                    "targets_met": r["peak_mb"] <= 0.2 * by["lf"]["peak_mb"]
+                    and r["peak_mb"] <= 1.5 * r["floor_mb"]
+                    and r["median_s"] <= 1.25 * by["lf"]["median_s"]
+                    and r["median_s"] <= 1.5 * by["ce"]["median_s"],
+                }
+    if "lf" in by and "plain" in by:
+        p, a = by["plain"], by["lf"]
+        summary["plain"] = {
+            "memory_vs_lf": round(p["peak_mb"] / a["peak_mb"], 3),
+            "time_vs_lf": round(p["median_s"] / a["median_s"], 3),
+            "targets_met": p["peak_mb"] <= a["peak_mb"] and p["median_s"] <= a["median_s"],
+        }
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--tokens", type=int, default=4096, help="total tokens, split into --batch sequences")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=["lf", "plain", "chunked", "ce"])
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tokens % args.batch:
+        parser.error("--tokens must be a multiple of --batch")
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return
+    results = []
+    for variant in args.variants:
+        for chunk_size in args.chunk_sizes if variant == "chunked" else [0]:
+            result = run_variant(args, variant, chunk_size)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print(json.dumps(summarise(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

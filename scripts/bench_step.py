@@ -1,0 +1,197 @@
+"""The cost of a whole training step: a bare PyTorch loop against EAFTModule under the Lightning Trainer.
+
+Variants, side by side in one process on the same model (same config, seed and weights), the same
+batches and the same AdamW settings:
+
+- ``bare``: forward, ``F.cross_entropy`` on the shifted labels, backward, ``AdamW.step``, ``zero_grad``;
+- ``sft``: ``EAFTModule(gate=SFTGate())`` fitted by ``lightning.Trainer`` (statistics and metrics on,
+  as shipped; no logger, checkpointing or progress bar, whose cost depends on the disk and terminal);
+- ``eaft``: the same with ``EAFTGate()``;
+- ``eaft_chunked``: EAFT with ``chunk_size`` set (the memory-lean loss), when ``--chunk-size`` > 0.
+
+Each variant runs ``--warmup`` steps and then ``--steps`` timed steps; the variants take turns for
+``--rounds`` rounds so that a slow spell of the shared machine hits them all, and the median of the
+rounds is reported. The first step's loss of every variant is printed as a check that they all compute
+the same thing (SFT's equals the bare loop's).
+
+Usage::
+
+    python scripts/bench_step.py                       # vocabularies 512 and 32,768
+    python scripts/bench_step.py --vocabs 151936 --steps 5
+
+Prints one JSON line per (vocabulary, variant) and a ``summary`` line per vocabulary with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from eaft_pl.hub import build_causal_lm
+from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.module import EAFTModule
+from eaft_pl.tiny import build_char_tokenizer
+
+
+def model_config(args, vocab: int) -> Dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.hidden * 8 // 3,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads,
+        "max_position_embeddings": args.seq,
+    }
+
+
+def make_batches(args, vocab: int) -> List[Dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+        labels = ids.clone()
+        labels[:, : args.seq // 3] = -100  # a prompt third
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def steps_per_second(stamps: List[float], warmup: int) -> float:
+    timed = stamps[warmup - 1 :]  # from the end of the last warm-up step to the end of the last step
+    return (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def run_bare(args, config, tokenizer, batches) -> Dict:
+    pl.seed_everything(args.seed, verbose=False)
+    model = build_causal_lm(config, tokenizer)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    stamps, first_loss = [], None
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        shift = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        first_loss = float(loss) if first_loss is None else first_loss
+        stamps.append(time.perf_counter())
+    return {"steps_per_s": steps_per_second(stamps, args.warmup), "first_loss": first_loss}
+
+
+class _Stamps(pl.Callback):
+    def __init__(self) -> None:
+        self.stamps: List[float] = []
+        self.first_loss = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.first_loss is None:
+            # The module returns sum(w * CE) / c; with one micro-batch per step c is its token count.
+            self.first_loss = float(outputs["loss"])
+        self.stamps.append(time.perf_counter())
+
+
+def run_lightning(args, config, tokenizer_dir, batches, gate, chunk_size=None) -> Dict:
+    pl.seed_everything(args.seed, verbose=False)
+    module = EAFTModule(
+        model_config=config,
+        tokenizer_name_or_path=tokenizer_dir,
+        gate=gate,
+        learning_rate=args.lr,
+        warmup_ratio=0.0,
+        chunk_size=chunk_size,
+    )
+    stamps = _Stamps()
+    trainer = pl.Trainer(
+        max_steps=len(batches),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[stamps],
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return {"steps_per_s": steps_per_second(stamps.stamps, args.warmup), "first_loss": stamps.first_loss}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[512, 32768])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=0, help="also time EAFT with this chunk_size (0: off)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step's timestamp starts the clock)")
+
+    tokenizer = build_char_tokenizer()
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        tokenizer.save_pretrained(tokenizer_dir)
+        for vocab in args.vocabs:
+            config = model_config(args, vocab)
+            batches = make_batches(args, vocab)
+            variants = {
+                "bare": lambda: run_bare(args, config, tokenizer, batches),
+                "sft": lambda: run_lightning(args, config, tokenizer_dir, batches, SFTGate()),
+                "eaft": lambda: run_lightning(args, config, tokenizer_dir, batches, EAFTGate()),
+            }
+            if args.chunk_size:
+                variants["eaft_chunked"] = lambda: run_lightning(
+                    args, config, tokenizer_dir, batches, EAFTGate(), args.chunk_size
+                )
+            runs: Dict[str, List[Dict]] = {name: [] for name in variants}
+            for _ in range(args.rounds):
+                for name, run in variants.items():
+                    runs[name].append(run())
+            rates = {}
+            for name, results in runs.items():
+                rates[name] = statistics.median(r["steps_per_s"] for r in results)
+                print(
+                    json.dumps(
+                        {
+                            "vocab": vocab,
+                            "variant": name,
+                            "steps_per_s": round(rates[name], 3),
+                            "rounds": [round(r["steps_per_s"], 3) for r in results],
+                            "first_loss": results[0]["first_loss"],
+                            "tokens_per_step": args.batch * args.seq,
+                        }
+                    ),
+                    flush=True,
+                )
+            summary = {
+                "summary": True,
+                "vocab": vocab,
+                # time per step relative to the bare loop (1.10 = 10% slower)
+                "sft_vs_bare": round(rates["bare"] / rates["sft"], 3),
+                "eaft_vs_sft": round(rates["sft"] / rates["eaft"], 3),
+                "eaft_vs_bare": round(rates["bare"] / rates["eaft"], 3),
+            }
+            if "eaft_chunked" in rates:
+                summary["eaft_chunked_vs_eaft"] = round(rates["eaft"] / rates["eaft_chunked"], 3)
+            print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
