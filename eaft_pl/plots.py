@@ -1,0 +1,147 @@
+"""Figures of the diagnostics: the (p, H) plane, the gradient landscape, the weight distribution and
+the Pareto plot. Each function takes plain numbers (from :mod:`eaft_pl.diagnostics` or
+:mod:`eaft_pl.compare`) and returns a matplotlib ``Figure``.
+
+Figures are built with ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no GUI backend
+is selected, nothing is kept in pyplot's global figure list (a training run draws one per
+evaluation), and it is safe on headless machines and in worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+__all__ = ["PlanePanel", "plane_figure", "weights_figure", "pareto_figure", "pareto_front", "save_figure"]
+
+#: One heatmap: title, ``(p_bins, h_bins)`` matrix (None = empty bin), colour-bar label, log colours.
+PlanePanel = Tuple[str, Sequence[Sequence[Optional[float]]], str, bool]
+
+
+def plane_figure(
+    panels: Sequence[PlanePanel],
+    p_edges: Sequence[float],
+    h_edges: Sequence[float],
+    *,
+    title: str = "",
+    conflict_box: Optional[Tuple[float, float]] = None,
+    h_label: str = "top-K entropy H (nats)",
+) -> Figure:
+    """Heatmaps on the (label probability, entropy) plane, side by side (Fig. 1b, Fig. 3).
+
+    Args:
+        panels: ``(title, matrix, colour-bar label, log scale)`` per panel; ``matrix[i][j]`` is the
+            value of probability bin i and entropy bin j.
+        p_edges: Bin edges of label probability (x axis).
+        h_edges: Bin edges of entropy (y axis).
+        title: Figure title.
+        conflict_box: ``(max label prob, max entropy in nats)``: outline the confident-conflict corner.
+        h_label: Label of the entropy axis.
+    """
+    fig = Figure(figsize=(4.6 * len(panels), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, matrix, cbar_label, log) in zip(axes, panels):
+        values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float).T  # (H, P)
+        positive = values[np.isfinite(values) & (values > 0)]
+        if log and positive.size:
+            # Empty bins stay blank (masked), so "no token" and "few tokens" differ visibly.
+            values = np.ma.masked_where(~(values > 0), values)
+            norm: Any = LogNorm(vmin=positive.min(), vmax=positive.max())
+        else:
+            values = np.ma.masked_invalid(values)
+            norm = None
+        mesh = ax.pcolormesh(p_edges, h_edges, values, cmap="viridis", norm=norm)
+        fig.colorbar(mesh, ax=ax, label=cbar_label)
+        if conflict_box is not None:
+            p_max, h_max = conflict_box
+            ax.plot([0, p_max, p_max], [h_max, h_max, 0], color="red", linestyle="--", linewidth=1.2)
+            ax.annotate("confident\nconflicts", (p_max, h_max), xytext=(4, 4), textcoords="offset points", color="red", fontsize=8)
+        ax.set_xlabel("label probability p")
+        ax.set_ylabel(h_label)
+        ax.set_title(name, fontsize=10)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def weights_figure(summaries: Dict[str, Dict[str, Any]], title: str = "EAFT weight H / ln K") -> Figure:
+    """Histograms of the weight distributions of :func:`eaft_pl.diagnostics.weight_summary`, one
+    bar series per source, as shares of each source's tokens."""
+    fig = Figure(figsize=(6.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    n = max(len(summaries), 1)
+    for i, (name, s) in enumerate(summaries.items()):
+        edges, counts = np.array(s["edges"]), np.array(s["counts"], dtype=float)
+        width = (edges[1] - edges[0]) / n
+        share = counts / max(counts.sum(), 1.0)
+        ax.bar(edges[:-1] + i * width, share, width=width, align="edge", label=f"{name} (mean {s['mean']:.3f})")
+    ax.set_xlabel("weight")
+    ax.set_ylabel("share of tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def pareto_figure(
+    points: Sequence[Dict[str, Any]],
+    *,
+    base: Optional[Tuple[float, float]] = None,
+    x_label: str = "general average",
+    y_label: str = "domain average",
+    title: str = "",
+) -> Figure:
+    """Domain score against general score, one point per method (Fig. 5), with error bars.
+
+    Args:
+        points: ``{"label", "x", "y", "xerr", "yerr"}`` each (errors may be 0).
+        base: ``(x, y)`` of the base model, drawn as a star.
+        x_label: Axis label of x.
+        y_label: Axis label of y.
+        title: Figure title.
+
+    Points on the Pareto front (no other point is at least as good on both axes and better on one)
+    are joined by a dashed line.
+    """
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    for i, pt in enumerate(points):
+        colour = f"C{i % 10}"
+        ax.errorbar(pt["x"], pt["y"], xerr=pt.get("xerr") or 0, yerr=pt.get("yerr") or 0, fmt="o", color=colour, capsize=3)
+        ax.annotate(pt["label"], (pt["x"], pt["y"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    front = pareto_front([(pt["x"], pt["y"]) for pt in points])
+    if len(front) > 1:
+        xs, ys = zip(*sorted(front))
+        ax.plot(xs, ys, linestyle="--", color="grey", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=8, loc="lower left")
+    if base is not None:
+        ax.plot(*base, marker="*", markersize=14, color="black", linestyle="none")
+        ax.annotate("base", base, xytext=(6, -10), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def pareto_front(xy: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The points no other point dominates (higher is better on both axes); NaNs are ignored."""
+    finite = [(x, y) for x, y in xy if not (math.isnan(x) or math.isnan(y))]
+    return [
+        (x, y)
+        for x, y in finite
+        if not any(ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in finite)
+    ]
+
+
+def save_figure(fig: Figure, path: Union[str, Path], dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG (folders created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
