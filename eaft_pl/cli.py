@@ -1,4 +1,5 @@
-"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict.
+"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze, plus
+``eaft-pl compare`` (an MLflow experiment's runs as the paper's Table 1 and a Pareto plot).
 
 Only the CLI lives here: library classes in the module run as ``__main__`` would fail
 jsonargparse's ``class_path`` subclass checks.
@@ -7,23 +8,31 @@ jsonargparse's ``class_path`` subclass checks.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import sys
+from typing import Dict, List, Optional, Set
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from jsonargparse import lazy_instance, set_parsing_settings
 
+from eaft_pl.analyze import EAFTTrainer
 from eaft_pl.callbacks import TokenStatsWriter
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.module import EAFTModule
 from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig
+from eaft_pl.training_diagnostics import DiagnosticsCallback
 
 __all__ = ["EAFTLightningCLI", "cli_main", "main"]
 
 
 class EAFTLightningCLI(LightningCLI):
     """LightningCLI whose model and data are any subclass of :class:`EAFTModule` and
-    :class:`ChatDataModule`, selected by ``class_path``."""
+    :class:`ChatDataModule`, selected by ``class_path``. ``analyze`` runs
+    :meth:`eaft_pl.analyze.EAFTTrainer.analyze` on the same configs as ``fit``."""
+
+    @staticmethod
+    def subcommands() -> Dict[str, Set[str]]:
+        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One tokenizer for data and model: the model needs it for the vocabulary size and pad id.
@@ -31,6 +40,8 @@ class EAFTLightningCLI(LightningCLI):
         # Always present (it acts only in `predict`), so a config cannot lose it by replacing the
         # trainer.callbacks list.
         parser.add_lightning_class_args(TokenStatsWriter, "predictions")
+        # On by default, for the same reason: `--diagnostics.enabled=false` switches it off.
+        parser.add_lightning_class_args(DiagnosticsCallback, "diagnostics")
 
 
 def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:
@@ -43,6 +54,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
     return EAFTLightningCLI(
         EAFTModule,
         ChatDataModule,
+        trainer_class=EAFTTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
@@ -58,6 +70,11 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
 
 def main() -> None:
     """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
+    if sys.argv[1:2] == ["compare"]:  # not a Trainer method: it reads MLflow runs, no model or data
+        from eaft_pl.compare import main as compare_main
+
+        compare_main(sys.argv[2:])
+        return
     cli_main()
 
 
