@@ -9,7 +9,7 @@ time and each chunk's logits are reduced at once to the per-token statistics eve
 The gradient needs no stored logits either. The gate weight is detached, so the gradient of
 ``sum_t w_t * CE_t`` with respect to the logits of token t is ``w_t * (softmax(z_t) - onehot(y_t))``,
 which is known as soon as the chunk's logits are. For a gate whose weight depends only on the token's
-own statistics (SFT, EAFT, its sigmoid variant, DFT, the absolute entropy mask) the chunk's
+own statistics (SFT, EAFT and EAFT^p, the sigmoid variant, DFT; ``Gate.token_local``) the chunk's
 contribution to the gradients of the hidden states, the weight and the bias is computed in the same
 pass, right after the statistics: one logits matmul and two gradient matmuls, as many as
 differentiating the full logits costs. A gate that needs the statistics of the whole batch (the
@@ -38,9 +38,9 @@ from eaft_pl.losses import (
     Gate,
     TokenStats,
     _validate_top_k,
-    full_entropy,
-    logit_grad_norm,
-    topk_entropy,
+    row_blocks,
+    row_statistics_,
+    softmax_minus_onehot_,
 )
 
 __all__ = ["LogitTransform", "chunked_token_statistics", "chunked_gated_loss", "check_chunked_support"]
@@ -71,10 +71,6 @@ class LogitTransform:
         softcap = getattr(text_config, "final_logit_softcapping", None)
         return cls(scale=scale, softcap=float(softcap) if softcap else None)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def apply_(self, z: Tensor) -> Union[Tensor, float]:
         """Transform fp32 logits in place; return the derivative ``dz'/dz`` (a number if constant)."""
         if self.scale != 1.0:
@@ -94,40 +90,9 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], transform: 
     return z, transform.apply_(z)
 
 
-def _chunk_stats_(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
-    """Per-token statistics of one chunk's fp32 logits, and its log-partition ``lse``.
-
-    Turns ``z`` into the softmax in place: the gradient needs exactly that, and computing the
-    log-partition through ``torch.logsumexp`` would allocate a second ``(C, V)`` buffer.
-    """
-    out = {"topk_entropy": topk_entropy(z, k)}
-    if want_full:  # opt-in diagnostics, computed before z is overwritten
-        out["full_entropy"] = full_entropy(z)
-    if want_grad_norm:
-        out["logit_grad_norm"] = logit_grad_norm(z, y)
-    z_label = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (C,)
-    top = z.amax(dim=-1, keepdim=True)  # (C, 1)
-    total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - max)
-    z.div_(total)  # softmax
-    lse = (top + total.log()).squeeze(1)  # (C,)
-    out["lse"] = lse
-    out["ce"] = lse - z_label
-    return out
-
-
 def _softmax_(z: Tensor, lse: Tensor) -> Tensor:
     """Softmax of recomputed logits from the log-partition of the first pass, in place."""
     return z.sub_(lse.unsqueeze(1)).exp_()
-
-
-def _chunk_grad_(p: Tensor, y: Tensor, w: Tensor, derivative: Union[Tensor, float]) -> Tensor:
-    """Turn the chunk's softmax, in place, into ``d(sum w * CE)/d(raw logits)``."""
-    g = p
-    g[torch.arange(y.numel(), device=y.device), y] -= 1.0
-    g.mul_(w.unsqueeze(1))
-    if not (isinstance(derivative, float) and derivative == 1.0):
-        g.mul_(derivative)
-    return g
 
 
 def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -152,19 +117,10 @@ class _Plan:
         self.weights: Optional[Tensor] = None
 
     def chunks(self, n: int):
-        for start in range(0, n, self.chunk_size):
-            yield start, min(start + self.chunk_size, n)
+        return row_blocks(n, self.chunk_size)
 
     def token_stats(self, parts: Dict[str, Tensor]) -> TokenStats:
-        ce = parts["ce"]
-        return TokenStats(
-            ce=ce,
-            label_prob=torch.exp(-ce),
-            topk_entropy=parts["topk_entropy"],
-            top_k=self.top_k,
-            full_entropy=parts.get("full_entropy"),
-            logit_grad_norm=parts.get("logit_grad_norm"),
-        )
+        return TokenStats.from_parts(parts, self.top_k)
 
 
 def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Plan, grads: Optional[Dict[str, Tensor]]) -> Tensor:
@@ -178,7 +134,9 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
     fused = grads is not None and plan.gate.token_local
 
     def grad_of_chunk(p: Tensor, derivative: Union[Tensor, float], s: int, e: int) -> None:
-        g = _chunk_grad_(p, y[s:e], weights[s:e], derivative)
+        g = softmax_minus_onehot_(p, y[s:e], weights[s:e])
+        if not (isinstance(derivative, float) and derivative == 1.0):
+            g.mul_(derivative)  # through the scaling / soft-capping
         if "hidden" in grads:
             grads["hidden"][s:e] = g.to(weight.dtype) @ weight  # (C, H)
         if "weight" in grads:
@@ -188,7 +146,7 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
 
     for s, e in plan.chunks(n):
         z, derivative = _chunk_logits(h[s:e], weight, bias, plan.transform)
-        for name, value in _chunk_stats_(z, y[s:e], plan.top_k, plan.want_full, plan.want_grad_norm).items():
+        for name, value in row_statistics_(z, y[s:e], plan.top_k, plan.want_full, plan.want_grad_norm).items():
             parts[name][s:e] = value
         if fused:
             weights[s:e] = plan.gate(plan.token_stats({k: v[s:e] for k, v in parts.items()}))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,8 @@ class TokenStats:
     flattened ``(batch, time)`` positions. Only ``ce`` carries gradient.
 
     Attributes:
-        ce: Cross-entropy ``-log p(label)`` in nats (fp32, differentiable).
+        ce: Cross-entropy ``-log p(label)`` in nats (fp32; differentiable from :func:`token_statistics`,
+            detached from the chunked path, which returns the differentiable weighted sum instead).
         label_prob: Probability of the label, ``exp(-ce)`` (detached).
         topk_entropy: Entropy in nats of the softmax renormalised over the K largest logits (detached).
         top_k: The K actually used (the requested K clamped to the vocabulary size).
@@ -87,6 +88,20 @@ class TokenStats:
     top_k: int
     full_entropy: Optional[Tensor] = None
     logit_grad_norm: Optional[Tensor] = None
+
+    @classmethod
+    def from_parts(cls, parts: Dict[str, Tensor], top_k: int, ce: Optional[Tensor] = None) -> "TokenStats":
+        """Build from the ``(N,)`` vectors of :func:`row_statistics_` (``ce`` overrides ``parts["ce"]``,
+        e.g. with a differentiable copy)."""
+        ce = parts["ce"] if ce is None else ce
+        return cls(
+            ce=ce,
+            label_prob=torch.exp(-ce.detach()),
+            topk_entropy=parts["topk_entropy"],
+            top_k=top_k,
+            full_entropy=parts.get("full_entropy"),
+            logit_grad_norm=parts.get("logit_grad_norm"),
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -139,6 +154,81 @@ def logit_grad_norm(logits: Tensor, labels: Tensor) -> Tensor:
     return (sum_p2 - 2.0 * p_y + 1.0).clamp(min=0.0).sqrt()
 
 
+#: Supervised rows processed together by the statistics and the gradient of the plain path: bounds
+#: their fp32 temporaries to ``(ROW_BLOCK, V)`` whatever the batch size and sequence length.
+ROW_BLOCK = 1024
+
+
+def row_blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
+    """``(start, end)`` of consecutive blocks of at most ``size`` rows out of ``n``."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def row_statistics_(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
+    """Per-token statistics of a block of fp32 logits ``(C, V)`` with labels ``y``, and its log-partition.
+
+    Returns ``ce``, ``lse``, ``topk_entropy`` and, on request, ``full_entropy`` and
+    ``logit_grad_norm``, all ``(C,)``. Turns ``z`` into its softmax in place: the gradient needs
+    exactly that, and ``torch.logsumexp`` would allocate a second ``(C, V)`` buffer. Pass a copy.
+    """
+    out = {"topk_entropy": topk_entropy(z, k)}
+    if want_full:  # opt-in diagnostics, computed before z is overwritten
+        out["full_entropy"] = full_entropy(z)
+    if want_grad_norm:
+        out["logit_grad_norm"] = logit_grad_norm(z, y)
+    z_label = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (C,)
+    top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - max)
+    z.div_(total)  # softmax
+    lse = (top + total.log()).squeeze(1)  # (C,)
+    out["lse"] = lse
+    out["ce"] = lse - z_label
+    return out
+
+
+def softmax_minus_onehot_(p: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """``scale * (p - onehot(y))`` per row, in place on the softmax ``p``: the gradient of
+    ``sum(scale * CE)`` with respect to the logits."""
+    p[torch.arange(y.numel(), device=y.device), y] -= 1.0
+    return p.mul_(scale.unsqueeze(1))
+
+
+class _RowsCrossEntropy(torch.autograd.Function):
+    """CE of the rows ``index`` of ``(M, V)`` logits, plus their statistics (written to ``out``).
+
+    ``F.cross_entropy`` keeps an ``(M, V)`` log-softmax for backward and its backward makes two more
+    tensors of that size; this keeps the logits and an ``(N,)`` log-partition, recomputes the
+    softmax a block of rows at a time in backward, and skips the unsupervised rows altogether.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, y: Tensor, out: Dict[str, Any], k: int, want_full: bool, want_grad_norm: bool) -> Tensor:  # type: ignore[override]
+        n = index.numel()
+        names = ["ce", "lse", "topk_entropy"] + ["full_entropy"] * want_full + ["logit_grad_norm"] * want_grad_norm
+        parts = {name: torch.empty(n, dtype=torch.float32, device=flat.device) for name in names}
+        for s, e in row_blocks(n, ROW_BLOCK):
+            z = flat.index_select(0, index[s:e]).float()  # (C, V), a copy
+            for name, value in row_statistics_(z, y[s:e], k, want_full, want_grad_norm).items():
+                parts[name][s:e] = value
+        ctx.save_for_backward(flat, index, y, parts["lse"])
+        out.update(parts)
+        return parts["ce"]
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor):  # type: ignore[override]
+        flat, index, y, lse = ctx.saved_tensors
+        grad = torch.empty_like(flat)
+        if index.numel() < flat.shape[0]:  # zero the unsupervised rows only: one pass less over (M, V)
+            unsupervised = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+            unsupervised[index] = False
+            grad[unsupervised] = 0.0
+        for s, e in row_blocks(index.numel(), ROW_BLOCK):
+            p = flat.index_select(0, index[s:e]).float().sub_(lse[s:e].unsqueeze(1)).exp_()  # softmax
+            grad.index_copy_(0, index[s:e], softmax_minus_onehot_(p, y[s:e], grad_ce[s:e].float()).to(grad.dtype))
+        return grad, None, None, None, None, None, None
+
+
 def _validate_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
         raise ValueError(
@@ -187,24 +277,10 @@ def token_statistics(
     flat = logits.reshape(-1, vocab)  # (B*T, V), a view of contiguous logits
     index = torch.nonzero(shift_labels != ignore_index).squeeze(1)  # (N,)
     y = shift_labels[index]  # (N,)
-    # Every row goes through the CE kernel (as in HF's and LLaMA-Factory's losses); only the (N,)
-    # results of the supervised rows are kept.
-    ce = F.cross_entropy(flat.float(), shift_labels, reduction="none", ignore_index=ignore_index)[index]  # (N,)
-    with torch.no_grad():
-        fd = flat.detach()
-        k = min(top_k, vocab)
-        # topk over all rows and keep N results: cheaper than copying the N supervised rows first.
-        topk_h = topk_entropy(fd, k)[index]
-        # The opt-in diagnostics work on a copy of the supervised rows.
-        z = fd[index] if compute_full_entropy or compute_grad_norm else None
-        stats = TokenStats(
-            ce=ce,
-            label_prob=torch.exp(-ce.detach()),
-            topk_entropy=topk_h,
-            top_k=k,
-            full_entropy=full_entropy(z) if compute_full_entropy else None,
-            logit_grad_norm=logit_grad_norm(z, y) if compute_grad_norm else None,
-        )
+    k = min(top_k, vocab)
+    parts: Dict[str, Tensor] = {}
+    ce = _RowsCrossEntropy.apply(flat, index, y, parts, k, compute_full_entropy, compute_grad_norm)  # (N,)
+    stats = TokenStats.from_parts(parts, k, ce=ce)
     return stats
 
 

@@ -33,15 +33,24 @@ class SaveGrads(EAFTModule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("normalization, micro_batch, accumulate", [("step", 2, 1), ("step", 1, 2), ("micro_batch", 2, 1)])
-def test_two_ranks_equal_one_process(tmp_path, tokenizer_dir, normalization, micro_batch, accumulate):
+@pytest.mark.parametrize(
+    "normalization, micro_batch, accumulate, chunk_size",
+    [("step", 2, 1, None), ("step", 1, 2, None), ("step", 2, 1, 5), ("micro_batch", 2, 1, None)],
+)
+def test_two_ranks_equal_one_process(tmp_path, tokenizer_dir, normalization, micro_batch, accumulate, chunk_size):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     # The reference: one process, one batch of the four examples.
     single = first_step_grads(str(train), tokenizer_dir, micro_batch=4, accumulate=1)
 
     pl.seed_everything(0)
-    module = SaveGrads(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gate=EAFTGate(), loss_normalization=normalization)
+    module = SaveGrads(
+        model_config=TINY_LLAMA,
+        tokenizer_name_or_path=str(tokenizer_dir),
+        gate=EAFTGate(),
+        loss_normalization=normalization,
+        chunk_size=chunk_size,
+    )
     module.grads_path = str(tmp_path / "grads.pt")  # an instance attribute travels to the spawned ranks
     data = InOrderData(train_file=str(train), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
