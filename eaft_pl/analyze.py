@@ -145,10 +145,13 @@ def on_policy_examples(
     device: torch.device,
     seed: int = 0,
     progress: bool = False,
+    max_length: Optional[int] = None,
 ) -> List[EncodedExample]:
     """The model's own answers to the prompts of ``examples``: each prompt is the conversation up to
     its first supervised (assistant) token; the answer runs to the end-of-turn token (kept, as the
-    data's answers keep it) or ``max_new_tokens``. Returns examples whose labels are the answer."""
+    data's answers keep it), ``max_new_tokens`` or, when given, until the batch's longest prompt plus
+    the answer reach ``max_length``. Returns examples whose labels are the answer (empty answers are
+    left out)."""
     tok = module.tokenizer
     eos, pad = tok.eos_token_id, pad_token_id(tok)
     if eos is None:
@@ -168,8 +171,9 @@ def on_policy_examples(
             # Plain sampling from the model's distribution: no top-k/top-p truncation.
             kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        budget = max_new_tokens if max_length is None else max(1, min(max_new_tokens, max_length - length))
         generated = module.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **kwargs
+            input_ids=ids, attention_mask=mask, max_new_tokens=budget, pad_token_id=pad, eos_token_id=eos, **kwargs
         )
         for ex, prompt, row in zip(chunk, prompts, generated[:, length:].tolist()):
             answer = row[: row.index(eos) + 1] if eos in row else row
@@ -265,7 +269,7 @@ class EAFTTrainer(Trainer):
         seed: int = 0,
         batch_size: Optional[int] = None,
         on_policy: Literal["greedy", "sample", "none"] = "greedy",
-        max_new_tokens: int = 64,
+        max_new_tokens: int = 256,
         temperature: float = 1.0,
         quantile: float = 0.15,
         low_entropy_max: float = 0.5,
@@ -288,7 +292,8 @@ class EAFTTrainer(Trainer):
             batch_size: Conversations per forward pass (default: the data's eval batch size).
             on_policy: Also score the model's own answers to the same prompts, generated greedily or by
                 sampling; ``none`` skips it.
-            max_new_tokens: Longest generated answer.
+            max_new_tokens: Longest generated answer (also capped so that prompt and answer fit the
+                data's ``max_length``).
             temperature: Sampling temperature (``on_policy: sample``).
             quantile: The "bottom q" of the quantile conflict rule, for both entropy and probability.
             low_entropy_max: Low-entropy bucket bound (nats).
@@ -318,7 +323,7 @@ class EAFTTrainer(Trainer):
         if on_policy != "none":
             answers = on_policy_examples(
                 model, examples, mode=on_policy, max_new_tokens=max_new_tokens, temperature=temperature,
-                batch_size=bs, device=device, seed=seed, progress=progress_bar,
+                batch_size=bs, device=device, seed=seed, progress=progress_bar, max_length=datamodule.max_length,
             )  # fmt: skip
             if answers:
                 tables["on_policy"] = score_examples(

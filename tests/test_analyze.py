@@ -39,7 +39,7 @@ def analyze_args(tmp_path, data, *extra):
 
 def test_analyze_reports_what_a_direct_pass_computes_and_logs_an_mlflow_run(small_data, tmp_path, capsys):
     out_dir = tmp_path / "analysis"
-    cli = cli_main(analyze_args(tmp_path, small_data, f"--output_dir={out_dir}", "--quantile=0.2"))
+    cli = cli_main(analyze_args(tmp_path, small_data, f"--output_dir={out_dir}", "--quantile=0.2", "--full_entropy=true"))
     printed = capsys.readouterr().out
     assert "| sft_data |" in printed and "| on_policy |" in printed
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -50,12 +50,16 @@ def test_analyze_reports_what_a_direct_pass_computes_and_logs_an_mlflow_run(smal
     # The same statistics, computed directly from the analysed model over all examples at once.
     with torch.no_grad():
         batch = collate(examples, data.pad_token_id)
-        stats = token_statistics(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        stats = token_statistics(module(batch["input_ids"], batch["attention_mask"]), batch["labels"], compute_full_entropy=True)
     p, hn = stats.label_prob.double(), stats.norm_entropy.double()
     s = summary["sft_data"]
     assert s["tokens"] == stats.num_tokens == sum(e.num_supervised for e in examples)
     assert s["label_prob"] == pytest.approx(p.mean().item(), rel=1e-4)
     assert s["weights"]["eaft"]["mean"] == pytest.approx(hn.mean().item(), rel=1e-4)
+    h_full = stats.full_entropy.double()
+    assert s["full_entropy"]["mean"] == pytest.approx(h_full.mean().item(), rel=1e-4)
+    r = torch.corrcoef(torch.stack([h_full, stats.topk_entropy.double()]))[0, 1].item()
+    assert s["full_entropy"]["pearson_with_topk"] == pytest.approx(r, abs=1e-4)
     hp = module.hparams
     flags = (hn <= hp.conflict_max_norm_entropy) & (p <= hp.conflict_max_label_prob)
     assert s["conflicts"]["absolute_share"] == pytest.approx(flags.double().mean().item())
