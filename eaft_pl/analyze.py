@@ -308,6 +308,8 @@ class EAFTTrainer(Trainer):
             raise ValueError(f"analyze: quantile must lie in (0, 1], got {quantile}")
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"analyze: max_examples must be >= 1 or null, got {max_examples}")
+        for logger in mlflow_loggers(self):
+            logger.experiment  # noqa: B018 (creates the run now, so its duration is the analysis')
         examples = self._analysis_examples(datamodule, split, max_examples, seed)
         model.configure_model()
         device = self.strategy.root_device
