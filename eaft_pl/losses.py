@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -154,8 +154,8 @@ def logit_grad_norm(logits: Tensor, labels: Tensor) -> Tensor:
     return (sum_p2 - 2.0 * p_y + 1.0).clamp(min=0.0).sqrt()
 
 
-#: Supervised rows processed together by the statistics and the gradient of the plain path: bounds
-#: their fp32 temporaries to ``(ROW_BLOCK, V)`` whatever the batch size and sequence length.
+#: Rows processed together by the statistics and the gradient of the plain path: bounds their fp32
+#: temporaries to ``(ROW_BLOCK, V)`` whatever the batch size and sequence length.
 ROW_BLOCK = 1024
 
 
@@ -165,18 +165,45 @@ def row_blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
         yield start, min(start + size, n)
 
 
+def supervised_runs(index: Tensor, size: int) -> List[Tuple[int, int, int]]:
+    """Split the sorted supervised row indices into runs of consecutive rows of at most ``size``.
+
+    Returns ``(row, pos, length)`` triples: rows ``row .. row+length`` of the flat logits are the
+    supervised tokens ``pos .. pos+length``. An assistant turn is one run, so a batch has few of them,
+    and each run is a view of the logits: no copy, no work on prompt rows. (One host sync.)
+    """
+    n = index.numel()
+    if n == 0:
+        return []
+    breaks = (torch.nonzero(index[1:] != index[:-1] + 1).squeeze(1) + 1).tolist()
+    starts = [0] + breaks
+    rows = index[starts].tolist()
+    runs = []
+    for start, end, row in zip(starts, breaks + [n], rows):
+        for s, e in row_blocks(end - start, size):
+            runs.append((row + s, start + s, e - s))
+    return runs
+
+
+def _extra_statistics(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
+    """Top-K entropy and the opt-in diagnostics of a block of logits ``(C, V)``; ``z`` is not modified."""
+    out = {"topk_entropy": topk_entropy(z, k)}
+    if want_full:
+        out["full_entropy"] = full_entropy(z)
+    if want_grad_norm:
+        out["logit_grad_norm"] = logit_grad_norm(z, y)
+    return out
+
+
 def row_statistics_(z: Tensor, y: Tensor, k: int, want_full: bool, want_grad_norm: bool) -> Dict[str, Tensor]:
     """Per-token statistics of a block of fp32 logits ``(C, V)`` with labels ``y``, and its log-partition.
 
     Returns ``ce``, ``lse``, ``topk_entropy`` and, on request, ``full_entropy`` and
     ``logit_grad_norm``, all ``(C,)``. Turns ``z`` into its softmax in place: the gradient needs
-    exactly that, and ``torch.logsumexp`` would allocate a second ``(C, V)`` buffer. Pass a copy.
+    exactly that, and ``torch.logsumexp`` would allocate a second ``(C, V)`` buffer. Pass a buffer
+    that may be overwritten.
     """
-    out = {"topk_entropy": topk_entropy(z, k)}
-    if want_full:  # opt-in diagnostics, computed before z is overwritten
-        out["full_entropy"] = full_entropy(z)
-    if want_grad_norm:
-        out["logit_grad_norm"] = logit_grad_norm(z, y)
+    out = _extra_statistics(z, y, k, want_full, want_grad_norm)
     z_label = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (C,)
     top = z.amax(dim=-1, keepdim=True)  # (C, 1)
     total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - max)
@@ -195,11 +222,12 @@ def softmax_minus_onehot_(p: Tensor, y: Tensor, scale: Tensor) -> Tensor:
 
 
 class _RowsCrossEntropy(torch.autograd.Function):
-    """CE of the rows ``index`` of ``(M, V)`` logits, plus their statistics (written to ``out``).
+    """CE of the supervised rows of ``(M, V)`` logits, plus their statistics (written to ``out``).
 
     ``F.cross_entropy`` keeps an ``(M, V)`` log-softmax for backward and its backward makes two more
-    tensors of that size; this keeps the logits and an ``(N,)`` log-partition, recomputes the
-    softmax a block of rows at a time in backward, and skips the unsupervised rows altogether.
+    tensors of that size; this keeps the logits and an ``(N,)`` log-partition, and computes the
+    gradient straight into its ``(M, V)`` result, a run of supervised rows at a time (the prompt rows
+    are only zeroed).
     """
 
     @staticmethod
@@ -207,25 +235,36 @@ class _RowsCrossEntropy(torch.autograd.Function):
         n = index.numel()
         names = ["ce", "lse", "topk_entropy"] + ["full_entropy"] * want_full + ["logit_grad_norm"] * want_grad_norm
         parts = {name: torch.empty(n, dtype=torch.float32, device=flat.device) for name in names}
-        for s, e in row_blocks(n, ROW_BLOCK):
-            z = flat.index_select(0, index[s:e]).float()  # (C, V), a copy
-            for name, value in row_statistics_(z, y[s:e], k, want_full, want_grad_norm).items():
-                parts[name][s:e] = value
-        ctx.save_for_backward(flat, index, y, parts["lse"])
+        runs = supervised_runs(index, ROW_BLOCK)
+        for row, pos, length in runs:
+            z = flat[row : row + length].float()  # a view for fp32 logits, never modified
+            yb = y[pos : pos + length]
+            for name, value in _extra_statistics(z, yb, k, want_full, want_grad_norm).items():
+                parts[name][pos : pos + length] = value
+            lse = torch.logsumexp(z, dim=-1)
+            parts["lse"][pos : pos + length] = lse
+            parts["ce"][pos : pos + length] = lse - z.gather(1, yb.unsqueeze(1)).squeeze(1)
+        ctx.runs = runs
+        ctx.save_for_backward(flat, y, parts["lse"])
         out.update(parts)
         return parts["ce"]
 
     @staticmethod
     def backward(ctx, grad_ce: Tensor):  # type: ignore[override]
-        flat, index, y, lse = ctx.saved_tensors
+        flat, y, lse = ctx.saved_tensors
         grad = torch.empty_like(flat)
-        if index.numel() < flat.shape[0]:  # zero the unsupervised rows only: one pass less over (M, V)
-            unsupervised = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
-            unsupervised[index] = False
-            grad[unsupervised] = 0.0
-        for s, e in row_blocks(index.numel(), ROW_BLOCK):
-            p = flat.index_select(0, index[s:e]).float().sub_(lse[s:e].unsqueeze(1)).exp_()  # softmax
-            grad.index_copy_(0, index[s:e], softmax_minus_onehot_(p, y[s:e], grad_ce[s:e].float()).to(grad.dtype))
+        done = 0  # rows below this are written
+        for row, pos, length in ctx.runs:
+            grad[done:row].zero_()  # the prompt rows before this run
+            block = grad[row : row + length]
+            # Write the softmax into the result directly when it is fp32; round once otherwise.
+            p = block if block.dtype == torch.float32 else torch.empty_like(block, dtype=torch.float32)
+            torch.sub(flat[row : row + length], lse[pos : pos + length].unsqueeze(1), out=p).exp_()
+            softmax_minus_onehot_(p, y[pos : pos + length], grad_ce[pos : pos + length].float())
+            if p is not block:
+                block.copy_(p)
+            done = row + length
+        grad[done:].zero_()
         return grad, None, None, None, None, None, None
 
 

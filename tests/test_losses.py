@@ -253,6 +253,44 @@ def test_bf16_logits_match_the_reference_on_the_same_values():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_logits_get_the_fp32_gradient_rounded_once():
+    logits, labels = random_batch(vocab=60)
+    bf16 = logits.to(torch.bfloat16).requires_grad_(True)
+    ref_in = bf16.detach().float().requires_grad_(True)
+    eaft_loss(bf16, labels, normalizer=3.0).backward()
+    lf_eaft_loss_func(ref_in, labels).backward()
+    assert bf16.grad.dtype == torch.bfloat16
+    # Within one bf16 ulp (2**-7 relative) of the fp32 gradient rounded: computed in fp32, rounded once.
+    torch.testing.assert_close(bf16.grad.float(), ref_in.grad, rtol=2**-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_runs_longer_than_a_block_and_prompt_gaps_give_the_same_values_and_gradients(monkeypatch, block):
+    """The plain path walks runs of supervised rows in blocks; splitting them must change nothing."""
+    import eaft_pl.losses as losses
+
+    logits, labels = random_batch(vocab=40, time=17, seed=4)
+    labels[1, 6:9] = -100  # a second turn: two runs in one row
+    ref_in = logits.clone().requires_grad_(True)
+    ref = lf_eaft_loss_func(ref_in, labels)
+    ref.backward()
+    monkeypatch.setattr(losses, "ROW_BLOCK", block)
+    ours_in = logits.clone().requires_grad_(True)
+    ours = eaft_loss(ours_in, labels, normalizer=3.0)
+    ours.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5, atol=1e-7)  # gradients are ~1e-2
+
+
+def test_supervised_runs_split_consecutive_rows():
+    from eaft_pl.losses import supervised_runs
+
+    index = torch.tensor([2, 3, 4, 5, 6, 9, 10, 14])
+    assert supervised_runs(index, 2) == [(2, 0, 2), (4, 2, 2), (6, 4, 1), (9, 5, 2), (14, 7, 1)]
+    assert supervised_runs(index, 100) == [(2, 0, 5), (9, 5, 2), (14, 7, 1)]
+    assert supervised_runs(torch.tensor([], dtype=torch.long), 4) == []
+
+
 # ---- gradients ----------------------------------------------------------------------------------
 
 
