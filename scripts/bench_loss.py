@@ -12,6 +12,8 @@ masked as prompt), forward and backward down to the hidden states and the weight
 Each variant runs in its own process so that one's peak memory cannot hide in another's; peak memory
 is the process's maximum resident set (``ru_maxrss``) minus its resident set before the inputs were
 made. ``floor_mb`` is what any method must hold: hidden states, LM-head weight and its gradient.
+The variants take turns for ``--rounds`` rounds (a fresh process each time) so that a slow spell of
+the shared machine hits them all; the median time over all rounds is reported.
 
 Usage::
 
@@ -102,7 +104,7 @@ def worker(args) -> dict:
         elapsed = time.perf_counter() - start
         if rep >= args.warmup:
             times.append(elapsed)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     floor = (hidden.numel() + 2 * weight.numel()) * 4 / 2**20
     return {
         "variant": args.worker + (f"@{args.chunk_size}" if args.worker == "chunked" else ""),
@@ -121,7 +123,7 @@ def worker(args) -> dict:
 
 def run_variant(args, variant: str, chunk_size: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--chunk-size", str(chunk_size)]
-    for name in ("vocab", "hidden", "tokens", "batch", "reps", "warmup", "seed", "threads"):
+    for name in ("vocab", "hidden", "tokens", "batch", "reps", "warmup", "seed", "threads"):  # not rounds
         cmd += [f"--{name}", str(getattr(args, name))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,8 +163,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=["lf", "plain", "chunked", "ce"])
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, each in fresh processes")
+    parser.add_argument("--reps", type=int, default=1, help="timed repetitions per process")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -173,12 +176,16 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return
+    jobs = [(v, c) for v in args.variants for c in (args.chunk_sizes if v == "chunked" else [0])]
+    rounds = [[run_variant(args, v, c) for v, c in jobs] for _ in range(args.rounds)]
     results = []
-    for variant in args.variants:
-        for chunk_size in args.chunk_sizes if variant == "chunked" else [0]:
-            result = run_variant(args, variant, chunk_size)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+    for runs in zip(*rounds):  # the rounds of one variant
+        result = dict(runs[0])
+        result["times_s"] = [t for r in runs for t in r["times_s"]]
+        result["median_s"] = round(statistics.median(result["times_s"]), 3)
+        result["peak_mb"] = max(r["peak_mb"] for r in runs)
+        results.append(result)
+        print(json.dumps(result), flush=True)
     print(json.dumps(summarise(results)), flush=True)
 
 

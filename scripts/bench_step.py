@@ -10,8 +10,9 @@ batches and the same AdamW settings:
 - ``eaft_chunked``: EAFT with ``chunk_size`` set (the memory-lean loss), when ``--chunk-size`` > 0.
 
 Each variant runs ``--warmup`` steps and then ``--steps`` timed steps; the variants take turns for
-``--rounds`` rounds so that a slow spell of the shared machine hits them all, and the median of the
-rounds is reported. The first step's loss of every variant is printed as a check that they all compute
+``--rounds`` rounds so that a slow spell of the shared machine hits them all. A ratio is taken within
+each round (the variants of one round ran minutes apart at most) and the median over rounds is
+reported. The first step's loss of every variant is printed as a check that they all compute
 the same thing (SFT's equals the bare loop's).
 
 Usage::
@@ -20,6 +21,8 @@ Usage::
     python scripts/bench_step.py --vocabs 151936 --steps 5
 
 Prints one JSON line per (vocabulary, variant) and a ``summary`` line per vocabulary with the ratios.
+With ``--profile`` it also prints, per variant, the operators that took the most time over the timed
+steps of one extra run (``torch.profiler``, self CPU time): what a difference between variants is made of.
 """
 
 from __future__ import annotations
@@ -70,8 +73,29 @@ def steps_per_second(stamps: List[float], warmup: int) -> float:
     return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def run_bare(args, config, tokenizer, batches) -> Dict:
+class _Profile:
+    """Profiles the steps after warm-up (``torch.profiler``) when enabled; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, warmup: int) -> None:
+        self.enabled, self.warmup, self.steps, self.prof = enabled, warmup, 0, None
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if self.enabled and self.steps == self.warmup:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+    def top_ops(self, n: int = 12) -> List[Dict]:
+        if self.prof is None:
+            return []
+        self.prof.__exit__(None, None, None)
+        events = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+        return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count} for e in events]
+
+
+def run_bare(args, config, tokenizer, batches, profile: bool = False) -> Dict:
     pl.seed_everything(args.seed, verbose=False)
+    prof = _Profile(profile, args.warmup)
     model = build_causal_lm(config, tokenizer)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -85,22 +109,25 @@ def run_bare(args, config, tokenizer, batches) -> Dict:
         optimizer.zero_grad(set_to_none=True)
         first_loss = float(loss) if first_loss is None else first_loss
         stamps.append(time.perf_counter())
-    return {"steps_per_s": steps_per_second(stamps, args.warmup), "first_loss": first_loss}
+        prof.step_done()
+    return {"steps_per_s": steps_per_second(stamps, args.warmup), "first_loss": first_loss, "top_ops": prof.top_ops()}
 
 
 class _Stamps(pl.Callback):
-    def __init__(self) -> None:
+    def __init__(self, prof: _Profile) -> None:
         self.stamps: List[float] = []
         self.first_loss = None
+        self.prof = prof
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.first_loss is None:
             # The module returns sum(w * CE) / c; with one micro-batch per step c is its token count.
             self.first_loss = float(outputs["loss"])
         self.stamps.append(time.perf_counter())
+        self.prof.step_done()
 
 
-def run_lightning(args, config, tokenizer_dir, batches, gate, chunk_size=None) -> Dict:
+def run_lightning(args, config, tokenizer_dir, batches, gate, chunk_size=None, profile: bool = False) -> Dict:
     pl.seed_everything(args.seed, verbose=False)
     module = EAFTModule(
         model_config=config,
@@ -110,7 +137,7 @@ def run_lightning(args, config, tokenizer_dir, batches, gate, chunk_size=None) -
         warmup_ratio=0.0,
         chunk_size=chunk_size,
     )
-    stamps = _Stamps()
+    stamps = _Stamps(_Profile(profile, args.warmup))
     trainer = pl.Trainer(
         max_steps=len(batches),
         accelerator="cpu",
@@ -124,7 +151,11 @@ def run_lightning(args, config, tokenizer_dir, batches, gate, chunk_size=None) -
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
-    return {"steps_per_s": steps_per_second(stamps.stamps, args.warmup), "first_loss": stamps.first_loss}
+    return {
+        "steps_per_s": steps_per_second(stamps.stamps, args.warmup),
+        "first_loss": stamps.first_loss,
+        "top_ops": stamps.prof.top_ops(),
+    }
 
 
 def main(argv=None) -> None:
@@ -136,11 +167,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=0, help="also time EAFT with this chunk_size (0: off)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="also print each variant's most expensive operators")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step's timestamp starts the clock)")
@@ -152,13 +184,13 @@ def main(argv=None) -> None:
             config = model_config(args, vocab)
             batches = make_batches(args, vocab)
             variants = {
-                "bare": lambda: run_bare(args, config, tokenizer, batches),
-                "sft": lambda: run_lightning(args, config, tokenizer_dir, batches, SFTGate()),
-                "eaft": lambda: run_lightning(args, config, tokenizer_dir, batches, EAFTGate()),
+                "bare": lambda p=False: run_bare(args, config, tokenizer, batches, p),
+                "sft": lambda p=False: run_lightning(args, config, tokenizer_dir, batches, SFTGate(), profile=p),
+                "eaft": lambda p=False: run_lightning(args, config, tokenizer_dir, batches, EAFTGate(), profile=p),
             }
             if args.chunk_size:
-                variants["eaft_chunked"] = lambda: run_lightning(
-                    args, config, tokenizer_dir, batches, EAFTGate(), args.chunk_size
+                variants["eaft_chunked"] = lambda p=False: run_lightning(
+                    args, config, tokenizer_dir, batches, EAFTGate(), args.chunk_size, profile=p
                 )
             runs: Dict[str, List[Dict]] = {name: [] for name in variants}
             for _ in range(args.rounds):
@@ -180,17 +212,21 @@ def main(argv=None) -> None:
                     ),
                     flush=True,
                 )
-            summary = {
-                "summary": True,
-                "vocab": vocab,
-                # time per step relative to the bare loop (1.10 = 10% slower)
-                "sft_vs_bare": round(rates["bare"] / rates["sft"], 3),
-                "eaft_vs_sft": round(rates["sft"] / rates["eaft"], 3),
-                "eaft_vs_bare": round(rates["bare"] / rates["eaft"], 3),
-            }
+            def ratio(slow: str, fast: str) -> float:
+                """Median over rounds of time per step of ``slow`` over ``fast`` (1.10 = 10% slower)."""
+                per_round = [f["steps_per_s"] / s["steps_per_s"] for s, f in zip(runs[slow], runs[fast])]
+                return round(statistics.median(per_round), 3)
+
+            summary = {"summary": True, "vocab": vocab}
+            summary["sft_vs_bare"] = ratio("sft", "bare")
+            summary["eaft_vs_sft"] = ratio("eaft", "sft")
+            summary["eaft_vs_bare"] = ratio("eaft", "bare")
             if "eaft_chunked" in rates:
-                summary["eaft_chunked_vs_eaft"] = round(rates["eaft"] / rates["eaft_chunked"], 3)
+                summary["eaft_chunked_vs_eaft"] = ratio("eaft_chunked", "eaft")
             print(json.dumps(summary), flush=True)
+            if args.profile:
+                for name, run in variants.items():
+                    print(json.dumps({"vocab": vocab, "variant": name, "top_ops": run(True)["top_ops"]}), flush=True)
 
 
 if __name__ == "__main__":
