@@ -71,6 +71,10 @@ def test_fit_writes_an_mlflow_run_with_metrics_config_and_tags(in_tmp):
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data_summary.json"} <= artifacts
+    # The training diagnostics are on by default: metrics and a JSON + PNG per evaluation (steps 3, 6).
+    assert {"val/domain/ce_high_entropy", "val/domain/grad_norm_weighted_all"} <= set(metrics)
+    diagnostics = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics/val_domain")}
+    assert diagnostics == {f"diagnostics/val_domain/step_{s:06d}.{ext}" for s in (3, 6) for ext in ("json", "png")}
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read_text())
     assert config["model"]["init_args"]["gate"]["class_path"] == "eaft_pl.losses.EAFTGate"
     assert config["trainer"]["max_steps"] == 6

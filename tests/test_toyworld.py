@@ -252,6 +252,24 @@ def test_logged_forgetting_matches_the_scores_by_hand(small_experiment):
             assert gain[entry["step"]] == pytest.approx(domain)
 
 
+def test_compare_reads_the_runs_the_experiment_makes(small_experiment):
+    from eaft_pl.compare import group_runs, load_runs
+
+    out, uri, result = small_experiment
+    client = MlflowClient(uri)
+    table = group_runs(load_runs(client, "toyworld"))
+    rows = {r["label"]: r for r in table["rows"]}
+    assert set(rows) == {"sft-lr0.001", "eaft-lr0.001"}
+    assert table["general_tasks"] == ["arithmetic", "city", "colour", "repeat", "reverse"]
+    for row in result["rows"].values():  # the experiment's own summary of the same runs
+        mine = rows[f"{row['method']}-lr{row['lr']:g}"]
+        assert mine["n"] == 2
+        assert mine["domain_avg"]["mean"] == pytest.approx(row["domain"]["mean"])
+        assert mine["general_avg"]["mean"] == pytest.approx(row["general"]["mean"])
+        assert mine["general_avg"]["std"] == pytest.approx(row["general"]["std"])
+        assert -mine["general_delta"]["mean"] == pytest.approx(row["forgetting"]["mean"])
+
+
 def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
     import argparse
     import os
