@@ -58,7 +58,11 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=MLflowSaveConfig,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "description": "EAFT fine-tuning with Lightning. `eaft-pl analyze` reads the same configs as `fit`; "
+            "`eaft-pl compare --help` compares the runs of an MLflow experiment.",
+        },
         trainer_defaults={
             "default_root_dir": "outputs",
             "logger": lazy_instance(MLFlowLogger, experiment_name="eaft-pl", tracking_uri=DEFAULT_TRACKING_URI),
