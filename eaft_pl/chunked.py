@@ -115,12 +115,16 @@ class _Plan:
         self.want_grad_norm = want_grad_norm
         self.stats: Optional[TokenStats] = None
         self.weights: Optional[Tensor] = None
+        #: The reference model's ``(N,)`` statistics of the supervised tokens, or None.
+        self.reference: Optional[Dict[str, Tensor]] = None
 
     def chunks(self, n: int):
         return row_blocks(n, self.chunk_size)
 
-    def token_stats(self, parts: Dict[str, Tensor]) -> TokenStats:
-        return TokenStats.from_parts(parts, self.top_k)
+    def token_stats(self, parts: Dict[str, Tensor], s: int = 0, e: Optional[int] = None) -> TokenStats:
+        """The statistics of tokens ``s:e`` (``parts`` already sliced; the reference is sliced here)."""
+        ref = None if self.reference is None else {k: v[s:e] for k, v in self.reference.items()}
+        return TokenStats.from_parts(parts, self.top_k, reference=ref)
 
 
 def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Plan, grads: Optional[Dict[str, Tensor]]) -> Tensor:
@@ -149,7 +153,7 @@ def _run(h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor, plan: _Pl
         for name, value in row_statistics_(z, y[s:e], plan.top_k, plan.want_full, plan.want_grad_norm).items():
             parts[name][s:e] = value
         if fused:
-            weights[s:e] = plan.gate(plan.token_stats({k: v[s:e] for k, v in parts.items()}))
+            weights[s:e] = plan.gate(plan.token_stats({k: v[s:e] for k, v in parts.items()}, s, e))
             grad_of_chunk(z, derivative, s, e)
         del z, derivative  # free the chunk before the next one is allocated
 
@@ -202,6 +206,7 @@ def chunked_token_statistics(
     transform: LogitTransform = LogitTransform(),
     compute_full_entropy: bool = False,
     compute_grad_norm: bool = False,
+    reference: Optional[Dict[str, Tensor]] = None,
 ) -> Tuple[TokenStats, Tensor, Tensor]:
     """Statistics, gate weights and the weighted CE sum from hidden states, without full logits.
 
@@ -221,6 +226,8 @@ def chunked_token_statistics(
         transform: Scaling / soft-capping the model applies to its logits.
         compute_full_entropy: Also compute the full-vocabulary entropy.
         compute_grad_norm: Also compute ``||softmax - onehot||`` per token.
+        reference: Reference-model statistics ``name -> (B, T)`` aligned with ``labels``, as in
+            :func:`eaft_pl.losses.token_statistics`; carried into ``stats.reference`` and sliced per chunk.
 
     Returns:
         ``(stats, weights, weighted_sum)``: detached per-token statistics (``stats.ce`` carries no
@@ -241,6 +248,11 @@ def chunked_token_statistics(
     h = hidden[..., :-1, :][mask]  # (N, H): the only rows that reach the LM head
     y = shift_labels[mask]  # (N,)
     plan = _Plan(gate, min(top_k, vocab), chunk_size, transform, compute_full_entropy or gate.needs_full_entropy, compute_grad_norm)
+    if reference is not None:
+        for name, value in reference.items():
+            if value.shape != labels.shape:
+                raise ValueError(f"reference[{name!r}] has shape {tuple(value.shape)}, expected the labels' {tuple(labels.shape)}")
+        plan.reference = {name: value[..., 1:][mask] for name, value in reference.items()}
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     if needs_grad:
         total = _ChunkedGatedCE.apply(h, weight, bias, y, plan)

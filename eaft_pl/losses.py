@@ -80,6 +80,9 @@ class TokenStats:
         logit_grad_norm: ``||softmax(z) - onehot(label)||_2``, the norm of the unweighted CE gradient
             with respect to the logits (detached; a gate scales it by its weight), or ``None`` when not
             requested.
+        reference: Per-token statistics of a reference model (the base, before fine-tuning) on the same
+            tokens, ``name -> (N,)`` (e.g. ``topk_entropy``, ``label_prob``, ``sample_ce``; see
+            :mod:`eaft_pl.reference`), or ``None``. Read by the base-model gates.
     """
 
     ce: Tensor
@@ -88,11 +91,14 @@ class TokenStats:
     top_k: int
     full_entropy: Optional[Tensor] = None
     logit_grad_norm: Optional[Tensor] = None
+    reference: Optional[Dict[str, Tensor]] = None
 
     @classmethod
-    def from_parts(cls, parts: Dict[str, Tensor], top_k: int, ce: Optional[Tensor] = None) -> "TokenStats":
+    def from_parts(
+        cls, parts: Dict[str, Tensor], top_k: int, ce: Optional[Tensor] = None, reference: Optional[Dict[str, Tensor]] = None
+    ) -> "TokenStats":
         """Build from the ``(N,)`` vectors of :func:`row_statistics_` (``ce`` overrides ``parts["ce"]``,
-        e.g. with a differentiable copy)."""
+        e.g. with a differentiable copy; ``reference`` holds the reference model's ``(N,)`` vectors)."""
         ce = parts["ce"] if ce is None else ce
         return cls(
             ce=ce,
@@ -101,7 +107,18 @@ class TokenStats:
             top_k=top_k,
             full_entropy=parts.get("full_entropy"),
             logit_grad_norm=parts.get("logit_grad_norm"),
+            reference=reference,
         )
+
+    def require_reference(self, name: str, who: str) -> Tensor:
+        """The reference vector ``name``; a clear error when the batch carries none."""
+        if self.reference is None or name not in self.reference:
+            raise ValueError(
+                f"{who} needs the reference (base) model's per-token {name!r}, but the batch carries none; "
+                "train it with EAFTModule, which runs the reference pass (model.init_args.reference_source), "
+                "or pass reference= to token_statistics"
+            )
+        return self.reference[name]
 
     @property
     def num_tokens(self) -> int:
@@ -268,6 +285,20 @@ class _RowsCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def shifted_reference(reference: Optional[Dict[str, Tensor]], labels_shape: torch.Size) -> Optional[Dict[str, Tensor]]:
+    """Reference tensors aligned with ``labels`` (value at t belongs to ``labels[t]``), shifted like the
+    labels and flattened to ``(B*T,)``: position t then holds the value of the token the logits at t
+    predict, so the supervised rows' index selects them."""
+    if reference is None:
+        return None
+    out = {}
+    for name, value in reference.items():
+        if value.shape != labels_shape:
+            raise ValueError(f"reference[{name!r}] has shape {tuple(value.shape)}, expected the labels' {tuple(labels_shape)}")
+        out[name] = F.pad(value[..., 1:], (0, 1), value=float("nan")).reshape(-1)
+    return out
+
+
 def _validate_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
         raise ValueError(
@@ -283,6 +314,7 @@ def token_statistics(
     ignore_index: int = IGNORE_INDEX,
     compute_full_entropy: bool = False,
     compute_grad_norm: bool = False,
+    reference: Optional[Dict[str, Tensor]] = None,
 ) -> TokenStats:
     """Shift labels by one and compute the statistics of every supervised token.
 
@@ -297,6 +329,9 @@ def token_statistics(
         ignore_index: Label value of unsupervised positions.
         compute_full_entropy: Also compute the exact full-vocabulary entropy (about 3x CE cost).
         compute_grad_norm: Also compute :func:`logit_grad_norm` (a diagnostic, about 2x CE cost).
+        reference: Optional reference-model statistics, ``name -> (B, T)`` aligned with ``labels``
+            (the value at t belongs to the token ``labels[t]``); selected like the labels into
+            ``TokenStats.reference``. No pass over the logits.
 
     Returns:
         The :class:`TokenStats` of the supervised tokens.
@@ -319,8 +354,9 @@ def token_statistics(
     k = min(top_k, vocab)
     parts: Dict[str, Tensor] = {}
     ce = _RowsCrossEntropy.apply(flat, index, y, parts, k, compute_full_entropy, compute_grad_norm)  # (N,)
-    stats = TokenStats.from_parts(parts, k, ce=ce)
-    return stats
+    shifted = shifted_reference(reference, labels.shape)
+    ref = None if shifted is None else {name: value[index] for name, value in shifted.items()}
+    return TokenStats.from_parts(parts, k, ce=ce, reference=ref)
 
 
 def reduce_weighted(weights: Tensor, ce: Tensor, num_items_in_batch: Optional[Union[int, Tensor]] = None) -> Tensor:
@@ -380,6 +416,9 @@ class Gate:
     name: str = "gate"
     #: Set to True if :meth:`weights` reads ``stats.full_entropy``.
     needs_full_entropy: bool = False
+    #: Set to True if :meth:`weights` reads ``stats.reference`` (the base model's statistics): the
+    #: module then runs the reference pass before training.
+    needs_reference: bool = False
     #: True if a token's weight depends on that token's statistics only (not on the batch's). The
     #: chunked loss then computes weights and gradients chunk by chunk in one pass; otherwise it
     #: gathers all statistics first and recomputes the logits for the gradient (always correct).

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from eaft_pl.losses import TokenStats
+from eaft_pl.reference_gates import confident_conflict_mask
 
 __all__ = ["TokenStatsMetric", "confident_conflicts"]
 
@@ -21,7 +22,7 @@ def confident_conflicts(stats: TokenStats, max_norm_entropy: float, max_label_pr
     """Boolean ``(N,)`` mask of confident-conflict tokens: the model is sure (normalised top-K
     entropy at most ``max_norm_entropy``) yet gives the label a probability of at most
     ``max_label_prob``."""
-    return (stats.norm_entropy <= max_norm_entropy) & (stats.label_prob <= max_label_prob)
+    return confident_conflict_mask(stats.norm_entropy, stats.label_prob, max_norm_entropy, max_label_prob)
 
 
 class TokenStatsMetric(Metric):
