@@ -17,6 +17,7 @@ from jsonargparse import lazy_instance, set_parsing_settings
 
 from eaft_pl.analyze import EAFTTrainer
 from eaft_pl.callbacks import TokenStatsWriter
+from eaft_pl.cohort import ConflictCohortCallback
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.module import EAFTModule
 from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig
@@ -42,6 +43,10 @@ class EAFTLightningCLI(LightningCLI):
         parser.add_lightning_class_args(TokenStatsWriter, "predictions")
         # On by default, for the same reason: `--diagnostics.enabled=false` switches it off.
         parser.add_lightning_class_args(DiagnosticsCallback, "diagnostics")
+        # Off by default (it needs the DataModule's encoded splits); `--cohort.enabled=true` tracks the
+        # base model's confident conflicts through training (the toy configs switch it on).
+        parser.add_lightning_class_args(ConflictCohortCallback, "cohort")
+        parser.set_defaults({"cohort.enabled": False})
 
 
 def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:

@@ -13,6 +13,8 @@ from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token
 from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
 from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
 from eaft_pl.metrics import TokenStatsMetric
+from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
+from eaft_pl.reference_gates import FLOWGate
 
 __all__ = ["EAFTModule", "warmup_cosine"]
 
@@ -75,6 +77,21 @@ class EAFTModule(pl.LightningModule):
             model whose logits are its LM head applied to the last hidden state, optionally scaled or
             soft-capped (Llama, Qwen2/2.5/3, Mistral, Gemma 2/3, Phi-3, Cohere, Granite, ...; checked on
             a short input when the model is built). ``None`` (default) uses the plain path.
+        reference_source: Where base-model statistics come from, for gates that read them
+            (``Gate.needs_reference``: static EAFT, the static conflict mask, FLOW) and for the KL
+            term: ``"cache"`` runs one no-grad pass over every split of the DataModule when the model
+            is built and keeps the result on disk under ``reference_cache_dir``, keyed by model,
+            tokenizer and data fingerprints and K (:mod:`eaft_pl.reference`); ``"frozen"`` keeps a
+            frozen copy of the base in memory (twice the weights) and runs it on every batch. The KL
+            term needs ``"frozen"``.
+        reference_cache_dir: Folder of the reference cache (``null``: compute, do not store).
+        reference_kl_coef: beta of an added ``beta * KL`` term per supervised token (0: none). SFT-KL
+            is the SFT gate with 0.5 (the paper's beta); ASFT is the DFT gate with 0.1 and
+            ``reference_kl_direction: ref_policy`` (LLaMA-Factory). The KL is exact over the
+            vocabulary at each supervised position and is normalised like the CE (by the step's
+            supervised tokens). Plain path only (refused with ``chunk_size``).
+        reference_kl_direction: ``"policy_ref"``: KL(p_theta || p_ref); ``"ref_policy"``:
+            KL(p_ref || p_theta) (see :func:`eaft_pl.reference.token_kl`).
     """
 
     def __init__(
@@ -99,6 +116,10 @@ class EAFTModule(pl.LightningModule):
         conflict_max_label_prob: float = 0.1,
         log_full_entropy: bool = False,
         chunk_size: Optional[int] = None,
+        reference_source: Literal["cache", "frozen"] = "cache",
+        reference_cache_dir: Optional[str] = "outputs/reference_cache",
+        reference_kl_coef: float = 0.0,
+        reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -117,8 +138,38 @@ class EAFTModule(pl.LightningModule):
             raise ValueError(f"model.init_args.loss_normalization must be 'step' or 'micro_batch', got {loss_normalization!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"model.init_args.chunk_size must be a positive integer or null, got {chunk_size!r}")
+        if reference_source not in ("cache", "frozen"):
+            raise ValueError(f"model.init_args.reference_source must be 'cache' or 'frozen', got {reference_source!r}")
+        if not reference_kl_coef >= 0:
+            raise ValueError(f"model.init_args.reference_kl_coef must be >= 0, got {reference_kl_coef!r}")
+        if reference_kl_direction not in ("policy_ref", "ref_policy"):
+            raise ValueError(
+                f"model.init_args.reference_kl_direction must be 'policy_ref' or 'ref_policy', got {reference_kl_direction!r}"
+            )
+        if reference_kl_coef > 0 and chunk_size is not None:
+            raise ValueError(
+                "model.init_args.reference_kl_coef needs the full logits of both models, which the chunked loss never "
+                "builds; unset model.init_args.chunk_size for SFT-KL / ASFT"
+            )
+        if reference_kl_coef > 0 and reference_source != "frozen":
+            raise ValueError(
+                "model.init_args.reference_kl_coef needs the reference model's whole distribution on every batch; "
+                "set model.init_args.reference_source: frozen"
+            )
         self.save_hyperparameters()
         self.gate: Gate = gate if gate is not None else EAFTGate()
+        if reference_source == "frozen" and isinstance(self.gate, FLOWGate) and self.gate.tau is None:
+            raise ValueError(
+                "FLOWGate's tau defaults to the median base loss over the training set, which a frozen copy seen one "
+                "batch at a time cannot give; use model.init_args.reference_source: cache or set the gate's tau"
+            )
+        #: The reference pass's table (``reference_source: cache``), or None.
+        self.reference_table: Optional[ReferenceTable] = None
+        #: The frozen base (``reference_source: frozen``); kept out of the module's parameters and state.
+        self._frozen: List[nn.Module] = []
+        #: Wall seconds of the reference pass (or of loading it) and whether the cache held it.
+        self.reference_seconds: Optional[float] = None
+        self.reference_cache_hit: Optional[bool] = None
         self.model: Optional[nn.Module] = None
         self.tokenizer: Any = None
         self.logit_transform = LogitTransform()
@@ -178,6 +229,75 @@ class EAFTModule(pl.LightningModule):
         # mode as it finds it: without this, dropout would be off during training.
         model.train()
         self.model = model
+        if self.needs_reference:
+            self._prepare_reference()
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the gate or the KL term reads the reference (base) model."""
+        return bool(getattr(self.gate, "needs_reference", False)) or self.hparams.reference_kl_coef > 0
+
+    def _prepare_reference(self) -> None:
+        """Freeze a copy of the base, or run (or load) the reference pass over the DataModule's splits.
+
+        Runs when the model is built, before any checkpoint is restored into it: the statistics are
+        those of the base model even when training resumes.
+        """
+        import copy
+        import time
+
+        hp = self.hparams
+        start = time.perf_counter()
+        if hp.reference_source == "frozen":
+            frozen = copy.deepcopy(self.model).eval()
+            frozen.requires_grad_(False)
+            self._frozen = [frozen]  # a list: not registered as a submodule, so never trained or saved
+            self.reference_seconds = time.perf_counter() - start
+            return
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        datasets = getattr(datamodule, "datasets", None)
+        if not datasets:
+            raise ValueError(
+                f"{self.gate.name}: the reference pass reads the DataModule's encoded splits (datamodule.datasets); "
+                "none are set up. Use a ChatDataModule, or model.init_args.reference_source: frozen"
+            )
+        from functools import partial
+
+        from eaft_pl.data.chat import collate
+
+        pad_id = datamodule.pad_token_id
+        table, path, hit = load_or_compute_reference(
+            self.model,
+            self.tokenizer,
+            {split: list(examples) for split, examples in datasets.items()},
+            hp.top_k,
+            partial(collate, pad_token_id=pad_id),
+            hp.reference_cache_dir,
+            batch_size=getattr(datamodule, "eval_batch_size", 32),
+        )
+        self.reference_table = table
+        self.reference_seconds = time.perf_counter() - start
+        self.reference_cache_hit = hit
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"reference pass: {len(table.entries)} examples, {'read from' if hit else 'computed and stored in'} "
+            f"{path if path is not None else '(no cache)'}, {self.reference_seconds:.2f} s"
+        )
+
+    def batch_reference(self, batch: Dict[str, Tensor]) -> Tuple[Optional[Dict[str, Tensor]], Optional[Tensor]]:
+        """The reference statistics ``name -> (B, T)`` of a batch and, with a frozen copy, its logits."""
+        if not self.needs_reference:
+            return None, None
+        if self._frozen:
+            frozen = self._frozen[0]
+            if next(frozen.parameters()).device != self.device:
+                frozen.to(self.device)
+            return frozen_reference(frozen, batch, self.hparams.top_k)
+        if self.reference_table is None:
+            raise ValueError("the reference statistics are missing: the model was built outside a Trainer with a DataModule")
+        return self.reference_table.batch_reference(batch), None
 
     def setup(self, stage: str) -> None:
         for prefix in ("val", "test"):
@@ -202,16 +322,24 @@ class EAFTModule(pl.LightningModule):
 
     def token_stats(self, batch: Dict[str, Tensor], *, grad_norm: bool = False) -> Tuple[TokenStats, Tensor, Tensor]:
         """Run the model on a batch; return the supervised tokens' statistics, their gate weights and
-        ``sum(weights * ce)`` (the only one of the three with gradient)."""
+        ``sum(weights * ce)`` plus, with ``reference_kl_coef``, ``beta * sum(KL)`` (the only one of the
+        three with gradient). ``stats.reference`` holds the base model's statistics when the gate or
+        the KL term needs them (and ``kl``, the per-token KL, with the KL term)."""
         hp = self.hparams
         full = hp.log_full_entropy or self.gate.needs_full_entropy
+        reference, ref_logits = self.batch_reference(batch)
         if hp.chunk_size is None:
             logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
             stats = token_statistics(
-                logits, batch["labels"], top_k=hp.top_k, compute_full_entropy=full, compute_grad_norm=grad_norm
+                logits, batch["labels"], top_k=hp.top_k, compute_full_entropy=full, compute_grad_norm=grad_norm, reference=reference
             )
             weights = self.gate(stats)
-            return stats, weights, (weights * stats.ce).sum()  # an attached 0 when there is no token
+            total = (weights * stats.ce).sum()  # an attached 0 when there is no token
+            if hp.reference_kl_coef > 0 and ref_logits is not None:
+                kl = token_kl(logits, ref_logits, batch["labels"], hp.reference_kl_direction)  # (N,)
+                stats.reference = dict(stats.reference or {}, kl=kl.detach())
+                total = total + hp.reference_kl_coef * kl.sum()
+            return stats, weights, total
         backbone = self.model.get_decoder()
         hidden = backbone(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
@@ -228,6 +356,7 @@ class EAFTModule(pl.LightningModule):
             transform=self.logit_transform,
             compute_full_entropy=full,
             compute_grad_norm=grad_norm,
+            reference=reference,
         )
 
     # ---- training ------------------------------------------------------------------------------
@@ -255,6 +384,8 @@ class EAFTModule(pl.LightningModule):
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         stats, weights, weighted_sum = self.token_stats(batch)
         self.train_metrics.update(stats, weights)
+        if stats.reference is not None and "kl" in stats.reference and stats.num_tokens:
+            self.log("train/kl", stats.reference["kl"].mean(), on_step=True, on_epoch=False, batch_size=stats.num_tokens)
         if self.hparams.loss_normalization == "micro_batch":
             return weighted_sum / max(stats.num_tokens, 1)
         if self.trainer.accumulate_grad_batches == 1:

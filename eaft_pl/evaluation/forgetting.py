@@ -7,9 +7,9 @@ from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from eaft_pl.evaluation.periodic import PeriodicEvaluation
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
 
 __all__ = ["ForgettingCallback", "suite_averages", "forgetting"]
@@ -34,7 +34,7 @@ def forgetting(base: float, current: float, metric: str) -> float:
     return current - base if metric in LOWER_IS_BETTER else base - current
 
 
-class ForgettingCallback(Callback):
+class ForgettingCallback(PeriodicEvaluation):
     """Measures forgetting against the model as it was before fine-tuning.
 
     Suites come from the DataModule's ``evaluation_suites()`` (``{suite: [task, ...]}``; a task has
@@ -57,25 +57,18 @@ class ForgettingCallback(Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, batch_size: int = 64, domain_suites: Optional[List[str]] = None) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps)
         self.batch_size = batch_size
         self.domain_suites = list(domain_suites) if domain_suites is not None else ["domain"]
         self.history: List[Dict[str, Any]] = []
         self._suites: Optional[Dict[str, List[Any]]] = None
-        self._last_step: Optional[int] = None
 
     # ---- evaluation ----------------------------------------------------------------------------
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        # Already evaluated at this step (micro-batches of one step, or the end on an every-N point).
-        # Every rank keeps this counter: only rank zero fills `history`, and all ranks must agree on
-        # whether to reach the barrier below.
-        if step == self._last_step:
+        if not self._new_step(step):  # only rank zero fills `history`; every rank reaches the barrier
             return
-        self._last_step = step
         if trainer.is_global_zero:
             was_training = pl_module.training
             pl_module.eval()
@@ -131,13 +124,8 @@ class ForgettingCallback(Callback):
         self._last_step = None
         self._evaluate(trainer, pl_module)  # the base model: no optimizer step has run yet
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self._evaluate(trainer, pl_module)
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
             from lightning.pytorch.loggers import MLFlowLogger
 
