@@ -24,11 +24,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"  # the repository's configs
-ALL_METHODS = ["sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft"]
+ALL_METHODS = [
+    "sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft",
+    # from the base model (the reference pass): static gates, FLOW, and the KL baselines
+    "static_eaft", "static_mask", "eaft_static_mask", "flow", "sft_kl", "asft",
+]  # fmt: skip
+#: The conflict cohort's curves drawn per method (cohort/conflict/<metric>).
+COHORT_PANELS = ["weight", "label_prob", "norm_entropy", "share_in_conflict"]
 GENERAL_TASKS = ["colour", "city", "arithmetic", "reverse", "repeat"]
 DOMAIN_MATCH = 0.9  # "learned the domain": style-agnostic domain accuracy at least this
 
-__all__ = ["main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table"]
+__all__ = ["main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table", "cohort_curves", "cohort_figure"]
 
 
 def _cli(args: List[str]) -> Any:
@@ -82,7 +88,9 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
 
 
 def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dict[str, Any]:
-    """One fine-tuning run; returns the forgetting callback's history and the run's identity."""
+    """One fine-tuning run; returns the forgetting and cohort callbacks' histories, the reference
+    pass's time and the run's identity."""
+    from eaft_pl.cohort import ConflictCohortCallback
     from eaft_pl.evaluation import ForgettingCallback
 
     start = time.time()
@@ -92,9 +100,11 @@ def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dic
          *_common(opts, seed), f"--model.init_args.model_name_or_path={opts.out}/base-seed{seed}",
          f"--model.init_args.learning_rate={lr}", f"--trainer.max_steps={opts.steps}",
          f"--trainer.logger.init_args.run_name={name}",
-         f"--trainer.callbacks.init_args.every_n_steps={opts.eval_every}"]
+         f"--trainer.callbacks.init_args.every_n_steps={opts.eval_every}", f"--cohort.every_n_steps={opts.eval_every}",
+         f"--model.init_args.reference_cache_dir={opts.out}/reference_cache"]
     )  # fmt: skip
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ForgettingCallback))
+    cohort = next(c for c in cli.trainer.callbacks if isinstance(c, ConflictCohortCallback))
     return {
         "method": method,
         "lr": lr,
@@ -102,6 +112,10 @@ def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dic
         "run_id": cli.trainer.logger.run_id,
         "wall_s": time.time() - start,
         "history": callback.history,
+        "cohort": cohort.history,
+        "cohort_s": cohort.seconds,
+        "reference_s": cli.model.reference_seconds,
+        "reference_cache_hit": cli.model.reference_cache_hit,
     }
 
 
@@ -205,9 +219,40 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         row["general_at_domain_0.9"] = _mean_std(matched)
         row["learned_domain_runs"] = sum(not math.isnan(m) for m in matched)
         row["wall_s"] = _mean_std([r["wall_s"] for r in members])
+        row["cohort_s"] = _mean_std([r.get("cohort_s", float("nan")) for r in members])
+        row["reference_s"] = _mean_std([r["reference_s"] for r in members if r.get("reference_s") is not None])
+        row["cohort"] = cohort_curves(members)
         row["run_ids"] = [r["run_id"] for r in members]
         rows[key] = row
     return rows
+
+
+def cohort_curves(members: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]:
+    """``cohort/<c>/<metric> -> [[step, mean, std], ...]`` over the seeds of one (method, lr)."""
+    steps: Dict[int, List[Dict[str, float]]] = {}
+    for run in members:
+        for record in run.get("cohort", []):
+            steps.setdefault(record["step"], []).append(record)
+    out: Dict[str, List[List[float]]] = {}
+    for step in sorted(steps):
+        for key in steps[step][0]:
+            if key.startswith("cohort/"):
+                stat = _mean_std([r[key] for r in steps[step]])
+                out.setdefault(key, []).append([step, stat["mean"], stat["std"]])
+    return out
+
+
+def cohort_figure(rows: Dict[str, Any], lr: float, methods: Optional[Sequence[str]] = None) -> Any:
+    """The conflict cohort's curves (weight, label probability, entropy, share still in conflict) of
+    each method at learning rate ``lr``, mean and std over seeds."""
+    from eaft_pl.plots import curves_figure
+
+    chosen = [r for r in rows.values() if r["lr"] == lr and r.get("cohort") and (methods is None or r["method"] in methods)]
+    panels = [
+        (f"conflict cohort: {metric.replace('_', ' ')}", {r["method"]: r["cohort"].get(f"cohort/conflict/{metric}", []) for r in chosen})
+        for metric in COHORT_PANELS
+    ]
+    return curves_figure(panels, title=f"Tokens that were confident conflicts under the base (lr {lr:g})")
 
 
 def _pm(stat: Dict[str, float], scale: float = 100.0) -> str:
@@ -254,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--out", default="outputs/toyworld", help="bases, tokenizer and results")
     ap.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     ap.add_argument("--results", default=None, help="JSON path (default <out>/results.json)")
+    ap.add_argument("--cohort-figure", default=None, help="PNG of the conflict cohort's curves (default <results>-cohort-lr<lr>.png)")
     opts = ap.parse_args(argv)
     methods = ALL_METHODS if opts.methods == ["all"] else opts.methods
     unknown = sorted(set(methods) - set(ALL_METHODS))
@@ -263,6 +309,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     start = time.time()
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     runs, mechanism = [], {}
+    path = opts.results or f"{opts.out}/results.json"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     for seed in opts.seeds:
         ensure_base(opts, seed)
         mechanism[seed] = conflict_statistics(opts, seed)
@@ -270,16 +318,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             for method in methods:
                 print(f"[finetune] {method} lr={lr:g} seed={seed}", flush=True)
                 runs.append(finetune(opts, seed, method, lr))
-    rows = summarise(runs)
+                # Rewritten after every run: a sweep stopped early still leaves the summary of what ran.
+                result = {
+                    "settings": vars(opts) | {"methods": methods},
+                    "rows": summarise(runs),
+                    "mechanism": {str(k): v for k, v in mechanism.items()},
+                    "wall_s": time.time() - start,
+                    "complete": len(runs) == len(opts.seeds) * len(opts.lrs) * len(methods),
+                }
+                Path(path).write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
     table = format_table(rows)
-    result = {
-        "settings": vars(opts) | {"methods": methods},
-        "rows": rows,
-        "mechanism": {str(k): v for k, v in mechanism.items()},
-        "wall_s": time.time() - start,
-    }
-    path = opts.results or f"{opts.out}/results.json"
-    Path(path).write_text(json.dumps(result, indent=2))
+    from eaft_pl.plots import save_figure
+
+    for lr in opts.lrs:
+        if opts.cohort_figure is None:
+            figure = str(Path(path).with_suffix("")) + f"-cohort-lr{lr:g}.png"
+        else:
+            figure = opts.cohort_figure if len(opts.lrs) == 1 else opts.cohort_figure.replace(".png", f"-lr{lr:g}.png")
+        save_figure(cohort_figure(rows, lr), figure)
     print("\n" + table)
     shares = [m["conflict_share"] for m in mechanism.values()]
     print(
@@ -289,5 +346,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             for role in ("style", "content", "contradiction")
         )
     )
+    print("\nCost per run (mean over seeds): " + "; ".join(
+        f"{r['method']}@{r['lr']:g} {r['wall_s']['mean']:.1f} s, cohort {r['cohort_s']['mean']:.2f} s"
+        + (f", reference pass {r['reference_s']['mean']:.2f} s" if r["reference_s"]["n"] else "")
+        for r in rows.values()
+    ))  # fmt: skip
     print(f"results: {path}  (wall time {result['wall_s']:.0f} s)")
     return result

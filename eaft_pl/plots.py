@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["PlanePanel", "plane_figure", "weights_figure", "pareto_figure", "pareto_front", "save_figure"]
+__all__ = ["PlanePanel", "plane_figure", "weights_figure", "pareto_figure", "pareto_front", "curves_figure", "save_figure"]
 
 #: One heatmap: title, ``(p_bins, h_bins)`` matrix (None = empty bin), colour-bar label, log colours.
 PlanePanel = Tuple[str, Sequence[Sequence[Optional[float]]], str, bool]
@@ -112,7 +112,8 @@ def pareto_figure(
     # fully) would overprint each other.
     for i, pt in enumerate(points):
         ax.errorbar(
-            pt["x"], pt["y"], xerr=pt.get("xerr") or 0, yerr=pt.get("yerr") or 0, fmt="o", color=f"C{i % 10}",
+            # Beyond ten points the colours repeat: change the marker with them.
+            pt["x"], pt["y"], xerr=pt.get("xerr") or 0, yerr=pt.get("yerr") or 0, fmt="osD^v"[(i // 10) % 5], color=f"C{i % 10}",
             capsize=3, label=pt["label"],
         )  # fmt: skip
     front = pareto_front([(pt["x"], pt["y"]) for pt in points])
@@ -140,6 +141,33 @@ def pareto_front(xy: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]
         for x, y in finite
         if not any(ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in finite)
     ]
+
+
+def curves_figure(
+    panels: Sequence[Tuple[str, Dict[str, Sequence[Tuple[float, float, float]]]]], *, x_label: str = "optimizer step", title: str = ""
+) -> Figure:
+    """Small multiples of curves: one panel per ``(title, {label: [(x, mean, std), ...]})``, a line per
+    label with a band of +-std (e.g. the conflict cohort's metrics per method, mean over seeds)."""
+    cols = min(2, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (panel_title, curves) in zip(axes, panels):
+        for i, (label, points) in enumerate(curves.items()):
+            xs, mean, std = (np.array(v, dtype=float) for v in zip(*points)) if points else ([], [], [])
+            ax.plot(xs, mean, marker=".", color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=label)
+            if len(xs):
+                ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.15)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if panels:
+        axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def save_figure(fig: Figure, path: Union[str, Path], dpi: int = 110) -> Path:

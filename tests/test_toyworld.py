@@ -2,6 +2,7 @@
 experiment end to end on a small world."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,7 @@ def small_experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
     argv = [
-        "--out", str(out), "--tracking-uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft",
+        "--out", str(out), "--tracking-uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft", "static_mask", "sft_kl",
         "--steps", "8", "--eval-every", "4", "--pretrain-steps", "60", "--pretrain-examples", "4000",
         "--entities", "12",
     ]  # fmt: skip
@@ -201,11 +202,20 @@ def small_experiment(tmp_path_factory):
 def test_the_experiment_writes_a_results_table(small_experiment, capsys):
     out, _, result = small_experiment
     saved = json.loads((Path(out) / "results.json").read_text())
-    assert set(saved["rows"]) == {"sft@0.001", "eaft@0.001"}
+    assert set(saved["rows"]) == {"sft@0.001", "eaft@0.001", "static_mask@0.001", "sft_kl@0.001"}
     for row in saved["rows"].values():
         assert row["seeds"] == [0, 1] and len(row["run_ids"]) == 2
+        # The conflict cohort's curves: one point per evaluation (start, every 4 steps, end), per seed.
+        assert [p[0] for p in row["cohort"]["cohort/conflict/weight"]] == [0, 4, 8]
+        assert row["cohort_s"]["n"] == 2 and row["cohort_s"]["mean"] > 0
         for key in ("domain", "general", "forgetting", "general_content", "general_mc"):
             assert row[key]["n"] == 2 and 0 <= row[key]["std"]
+    assert (Path(out) / "results-cohort-lr0.001.png").stat().st_size > 0
+    rows = saved["rows"]
+    # The static mask gives the base's conflicts weight 0 at every evaluation; SFT gives them 1.
+    assert all(p[1] == 0 for p in rows["static_mask@0.001"]["cohort"]["cohort/conflict/weight"] if not math.isnan(p[1]))
+    assert all(p[1] == 1 for p in rows["sft@0.001"]["cohort"]["cohort/conflict/weight"] if not math.isnan(p[1]))
+    assert rows["static_mask@0.001"]["reference_s"]["n"] == 2 and rows["sft@0.001"]["reference_s"]["n"] == 0
     mech = saved["mechanism"]["0"]
     assert 0 < mech["conflict_share"] < 1
     assert set(mech["by_role"]) == {"style", "content", "contradiction"}
@@ -259,7 +269,7 @@ def test_compare_reads_the_runs_the_experiment_makes(small_experiment):
     client = MlflowClient(uri)
     table = group_runs(load_runs(client, "toyworld"))
     rows = {r["label"]: r for r in table["rows"]}
-    assert set(rows) == {"sft-lr0.001", "eaft-lr0.001"}
+    assert set(rows) == {"sft-lr0.001", "eaft-lr0.001", "static_mask-lr0.001", "sft_kl-lr0.001"}
     assert table["general_tasks"] == ["arithmetic", "city", "colour", "repeat", "reverse"]
     for row in result["rows"].values():  # the experiment's own summary of the same runs
         mine = rows[f"{row['method']}-lr{row['lr']:g}"]
