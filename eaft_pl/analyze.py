@@ -35,6 +35,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from torch import Tensor
 
+from eaft_pl.compare import atomic_write
 from eaft_pl.data.chat import DataError, EncodedExample, collate, pad_token_id
 from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
 from eaft_pl.losses import IGNORE_INDEX, token_statistics
@@ -149,13 +150,13 @@ def on_policy_examples(
 ) -> List[EncodedExample]:
     """The model's own answers to the prompts of ``examples``: each prompt is the conversation up to
     its first supervised (assistant) token; the answer runs to the end-of-turn token (kept, as the
-    data's answers keep it), ``max_new_tokens`` or, when given, until the batch's longest prompt plus
-    the answer reach ``max_length``. Returns examples whose labels are the answer (empty answers are
-    left out)."""
+    data's answers keep it; see :func:`stop_token_ids`), ``max_new_tokens`` or, when given, until the
+    batch's longest prompt plus the answer reach ``max_length``. Returns examples whose labels are the
+    answer (empty answers are left out)."""
     tok = module.tokenizer
-    eos, pad = tok.eos_token_id, pad_token_id(tok)
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id, so generated answers cannot be ended; set one")
+    pad = pad_token_id(tok)
+    stops = stop_token_ids(tok, examples)
+    stop_set = set(stops)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out: List[EncodedExample] = []
     starts = range(0, len(examples), batch_size)
@@ -173,14 +174,37 @@ def on_policy_examples(
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         budget = max_new_tokens if max_length is None else max(1, min(max_new_tokens, max_length - length))
         generated = module.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=budget, pad_token_id=pad, eos_token_id=eos, **kwargs
+            input_ids=ids, attention_mask=mask, max_new_tokens=budget, pad_token_id=pad, eos_token_id=stops, **kwargs
         )
         for ex, prompt, row in zip(chunk, prompts, generated[:, length:].tolist()):
-            answer = row[: row.index(eos) + 1] if eos in row else row
+            end = next((i for i, t in enumerate(row) if t in stop_set), None)
+            answer = row if end is None else row[: end + 1]
             if not answer:
                 continue
             out.append(EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, ex.source))
     return out
+
+
+def stop_token_ids(tokenizer: Any, examples: List[EncodedExample]) -> List[int]:
+    """The tokens that end a generated answer: ``eos`` and the chat template's end-of-turn token(s),
+    i.e. the special tokens (pad excepted) that the data's supervised answers contain, such as
+    ``<|im_end|>`` or ``<|eot_id|>``. Many chat models' eos (``<|endoftext|>``) is not the token that
+    ends an assistant turn, so stopping at eos alone would run every answer on into a new turn."""
+    pad = pad_token_id(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    # Chat markers are often added tokens flagged special without a named role (eos, pad, ...).
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special |= {i for i, t in added.items() if getattr(t, "special", False)}
+    special.discard(pad)
+    ids = {y for ex in examples for y in ex.labels if y != IGNORE_INDEX and y in special}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(
+            "the tokenizer has no eos_token_id and the data's answers hold no special end-of-turn token, "
+            "so generated answers cannot be ended; set an eos token"
+        )
+    return sorted(ids)
 
 
 def summarise_tokens(
@@ -208,8 +232,9 @@ def summarise_tokens(
             table.label_prob, table.norm_entropy, quantile=quantile, max_norm_entropy=max_norm_entropy, max_label_prob=max_label_prob
         ),
         "weights": weights,
-        # Region metrics with the EAFT weight: grad_norm_weighted_* is the gradient EAFT would apply.
-        "regions": accumulator.metrics(),
+        # Region metrics with the EAFT weight: grad_norm_eaft_* is the gradient EAFT would apply (named
+        # apart from the training callback's grad_norm_weighted_*, which uses the run's active gate).
+        "regions": {k.replace("grad_norm_weighted_", "grad_norm_eaft_"): v for k, v in accumulator.metrics().items()},
     }
     if table.full_entropy is not None:
         h_full = table.full_entropy.double()
@@ -310,6 +335,22 @@ class EAFTTrainer(Trainer):
             raise ValueError(f"analyze: max_examples must be >= 1 or null, got {max_examples}")
         for logger in mlflow_loggers(self):
             logger.experiment  # noqa: B018 (creates the run now, so its duration is the analysis')
+        try:
+            return self._analyze(
+                model, datamodule, split, max_examples, seed, batch_size, on_policy, max_new_tokens, temperature,
+                quantile, low_entropy_max, high_entropy_min, full_entropy, bins, top, output_dir, progress_bar,
+            )  # fmt: skip
+        except BaseException:
+            # Never leave the run RUNNING: it ends FAILED and the error propagates.
+            for logger in mlflow_loggers(self):
+                logger.finalize("failed")
+            raise
+
+    def _analyze(
+        self, model: Any, datamodule: Any, split: str, max_examples: Optional[int], seed: int, batch_size: Optional[int],
+        on_policy: str, max_new_tokens: int, temperature: float, quantile: float, low_entropy_max: float,
+        high_entropy_min: float, full_entropy: bool, bins: int, top: int, output_dir: Optional[str], progress_bar: bool,
+    ) -> Dict[str, Any]:
         examples = self._analysis_examples(datamodule, split, max_examples, seed)
         model.configure_model()
         device = self.strategy.root_device
@@ -446,8 +487,8 @@ def write_artifacts(summary: Dict[str, Any], accumulators: Dict[str, PlaneAccumu
     from eaft_pl.plots import plane_figure, save_figure, weights_figure
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    (folder / "report.md").write_text(format_summary(summary) + "\n")
+    atomic_write(folder / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    atomic_write(folder / "report.md", lambda p: p.write_text(format_summary(summary) + "\n"))
     data = accumulators["sft_data"]
     box = (data.max_label_prob, data.max_norm_entropy * data.grid.h_max)
     panels = []
@@ -455,17 +496,18 @@ def write_artifacts(summary: Dict[str, Any], accumulators: Dict[str, PlaneAccumu
         counts = acc.sums["counts"]
         share = (counts / counts.sum().clamp(min=1)).tolist()
         panels.append((f"{name} ({int(counts.sum())} tokens)", share, "share of tokens", True))
-    save_figure(plane_figure(panels, data.grid.p_edges, data.grid.h_edges, title="Tokens on the (p, H) plane under the model", conflict_box=box), folder / "plane.png")
+    plane = plane_figure(panels, data.grid.p_edges, data.grid.h_edges, title="Tokens on the (p, H) plane under the model", conflict_box=box)
+    atomic_write(folder / "plane.png", lambda p: save_figure(plane, p))
     record = data.summary()
-    save_figure(
-        plane_figure(
+    gradient = plane_figure(
             [
                 ("SFT: mean ||softmax − onehot||", record["mean_grad_norm"], "mean g", False),
                 ("EAFT: mean (H / ln K)·||softmax − onehot||", record["mean_grad_norm_weighted"], "mean w·g", False),
             ],
             data.grid.p_edges, data.grid.h_edges, title="Gradient on the logits over the (p, H) plane (sft_data)", conflict_box=box,
-        ),
-        folder / "gradient.png",
     )  # fmt: skip
+    atomic_write(folder / "gradient.png", lambda p: save_figure(gradient, p))
     weights = {name: summary[name]["weights"]["eaft"] for name in accumulators}
-    save_figure(weights_figure(weights), folder / "weights.png")
+    figure = weights_figure(weights)
+    atomic_write(folder / "weights.png", lambda p: save_figure(figure, p))
+

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 __all__ = ["RunScores", "load_runs", "group_runs", "format_markdown", "write_csv", "pareto_points", "main"]
 
@@ -40,6 +42,8 @@ class RunScores:
         group: Values of the grouping keys (e.g. method and learning rate).
         domain: ``task -> (base, final)`` for the domain suite.
         general: ``task -> (base, final)`` for the general suite.
+        base: Identity of the base model the run fine-tuned (its ``model`` tag, the checkpoint it
+            started from; the run id when unknown): runs with the same base share its base scores.
     """
 
     run_id: str
@@ -47,6 +51,10 @@ class RunScores:
     group: Dict[str, str]
     domain: Dict[str, tuple] = field(default_factory=dict)
     general: Dict[str, tuple] = field(default_factory=dict)
+    base: str = ""
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.run_id
 
 
 #: The seed part of a run name (``eaft-lr0.001-seed2``), removed by the ``name`` grouping key.
@@ -102,7 +110,10 @@ def load_runs(
         g_tasks = _suite_tasks(metrics, general_suite, general_metric)
         if not d_tasks or not g_tasks:
             continue  # e.g. an `analyze` or `compare` run, or a run without the forgetting callback
-        scores = RunScores(run.info.run_id, run.info.run_name, {k.partition(".")[2] or k: _key_value(run, k) for k in group_by})
+        base = run.data.tags.get("model") or run.data.params.get("model_name_or_path") or run.info.run_id
+        scores = RunScores(
+            run.info.run_id, run.info.run_name, {k.partition(".")[2] or k: _key_value(run, k) for k in group_by}, base=base
+        )
         for suite, metric, tasks, target in (
             (domain_suite, domain_metric, d_tasks, scores.domain),
             (general_suite, general_metric, g_tasks, scores.general),
@@ -137,7 +148,12 @@ def _avg(scores: Dict[str, tuple], index: int) -> float:
 def group_runs(runs: List[RunScores]) -> Dict[str, Any]:
     """Aggregate runs by their group: per task and per suite average, the mean and standard deviation
     over the group's runs (its seeds), the change of the general average against the base, and a
-    ``base`` row (the first logged scores of every run).
+    ``base`` row (the first logged scores, once per distinct base model: runs fine-tuned from the
+    same base checkpoint share its scores, so its ``n`` counts bases, listed in ``bases``).
+
+    Raises:
+        ValueError: a run lacks a task that other runs scored (averages over different task sets
+            would not be comparable); the message names the run and the missing tasks.
 
     Returns:
         ``{"base": row, "rows": [row, ...], "domain_tasks": [...], "general_tasks": [...]}``; a row has
@@ -146,13 +162,22 @@ def group_runs(runs: List[RunScores]) -> Dict[str, Any]:
     """
     domain_tasks = sorted({t for r in runs for t in r.domain})
     general_tasks = sorted({t for r in runs for t in r.general})
+    for r in runs:
+        missing = [f"domain/{t}" for t in domain_tasks if t not in r.domain]
+        missing += [f"general/{t}" for t in general_tasks if t not in r.general]
+        if missing:
+            # Averages over different task sets are not comparable; refuse rather than mix them.
+            raise ValueError(
+                f"run {r.name!r} ({r.run_id}) has no scores for {', '.join(missing)}, which other runs of the "
+                "experiment have; every run must score the same tasks (select the runs, or re-run the evaluation)"
+            )
 
     def row(members: List[RunScores], index: int) -> Dict[str, Any]:
         return {
             "n": len(members),
             "run_ids": [m.run_id for m in members],
-            "domain": {t: _mean_std([m.domain[t][index] for m in members if t in m.domain]) for t in domain_tasks},
-            "general": {t: _mean_std([m.general[t][index] for m in members if t in m.general]) for t in general_tasks},
+            "domain": {t: _mean_std([m.domain[t][index] for m in members]) for t in domain_tasks},
+            "general": {t: _mean_std([m.general[t][index] for m in members]) for t in general_tasks},
             "domain_avg": _mean_std([_avg(m.domain, index) for m in members]),
             "general_avg": _mean_std([_avg(m.general, index) for m in members]),
         }
@@ -165,7 +190,57 @@ def group_runs(runs: List[RunScores]) -> Dict[str, Any]:
         entry = {"label": label, "group": members[0].group, **row(members, 1)}
         entry["general_delta"] = _mean_std([_avg(m.general, 1) - _avg(m.general, 0) for m in members])
         rows.append(entry)
-    return {"base": {"label": "base", **row(runs, 0)}, "rows": rows, "domain_tasks": domain_tasks, "general_tasks": general_tasks}
+    bases = _distinct_bases(runs)
+    base_row = {"label": "base", **row([bases[b] for b in sorted(bases)], 0), "bases": sorted(bases)}
+    return {"base": base_row, "rows": rows, "domain_tasks": domain_tasks, "general_tasks": general_tasks}
+
+
+def _distinct_bases(runs: List[RunScores]) -> Dict[str, RunScores]:
+    """One run per base model (the first), so that each base's scores count once in the base row.
+
+    Runs from the same base whose base scores disagree (a changed evaluation) and groups fine-tuned
+    from different sets of bases (their deltas compare against different bases) are warned about.
+    """
+    bases: Dict[str, RunScores] = {}
+    for r in runs:
+        first = bases.setdefault(r.base, r)
+        if first is not r:
+            drift = [
+                t
+                for scores, ref in ((r.domain, first.domain), (r.general, first.general))
+                for t in scores
+                if abs(scores[t][0] - ref[t][0]) > 1e-9
+            ]
+            if drift:
+                warnings.warn(
+                    f"runs {first.name!r} and {r.name!r} start from the same base {r.base!r} but their base scores "
+                    f"differ on {', '.join(drift)}; the base row uses {first.name!r}'s",
+                    stacklevel=3,
+                )
+    per_group: Dict[str, set] = {}
+    for r in runs:
+        per_group.setdefault("@".join(r.group.values()), set()).add(r.base)
+    if len({frozenset(b) for b in per_group.values()}) > 1:
+        listing = "; ".join(f"{g}: {sorted(b)}" for g, b in sorted(per_group.items()))
+        warnings.warn(f"the groups were fine-tuned from different base models ({listing})", stacklevel=3)
+    return bases
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write`` on a temporary file next to ``path`` (same suffix, so matplotlib picks the
+    format) and rename it onto ``path``: a reader never sees a half-written file, and a failed write
+    leaves the previous file in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _pm(stat: Dict[str, float], scale: float) -> str:
@@ -249,17 +324,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             client, opts.experiment, domain_suite=opts.domain_suite, general_suite=opts.general_suite,
             domain_metric=opts.domain_metric, general_metric=opts.general_metric, group_by=opts.group_by,
         )  # fmt: skip
+        table = group_runs(runs)
     except ValueError as e:
         ap.exit(2, f"eaft-pl compare: {e} (tracking URI {opts.tracking_uri})\n")
-    table = group_runs(runs)
     markdown = format_markdown(table, opts.scale)
     print(markdown)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(opts.out or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "table.md").write_text(markdown + "\n")
-        write_csv(table, folder / "table.csv")
-        (folder / "compare.json").write_text(json.dumps(table, indent=2))
+        atomic_write(folder / "table.md", lambda p: p.write_text(markdown + "\n"))
+        atomic_write(folder / "table.csv", lambda p: write_csv(table, p))
+        atomic_write(folder / "compare.json", lambda p: p.write_text(json.dumps(table, indent=2)))
         base = (table["base"]["general_avg"]["mean"] * opts.scale, table["base"]["domain_avg"]["mean"] * opts.scale)
         figure = pareto_figure(
             pareto_points(table, opts.scale), base=base,
@@ -267,11 +342,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             y_label=f"domain average ({opts.domain_suite}/{opts.domain_metric})",
             title=f"{opts.experiment}: {len(runs)} runs, mean ± std over runs of a group",
         )  # fmt: skip
-        save_figure(figure, folder / "pareto.png")
+        atomic_write(folder / "pareto.png", lambda p: save_figure(figure, p))
         if not opts.no_log:
             exp = client.get_experiment_by_name(opts.experiment)
             run = client.create_run(exp.experiment_id, run_name="compare", tags={"stage": "compare"})
-            client.log_artifacts(run.info.run_id, str(folder), "compare")
+            try:
+                client.log_artifacts(run.info.run_id, str(folder), "compare")
+            except BaseException:
+                client.set_terminated(run.info.run_id, status="FAILED")  # never left RUNNING
+                raise
             client.set_terminated(run.info.run_id)
             print(f"logged to MLflow run {run.info.run_id} (artifacts compare/)")
         if opts.out:

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from mlflow import MlflowClient
 
-from eaft_pl.compare import format_markdown, group_runs, load_runs, main, pareto_points
+from eaft_pl.compare import RunScores, format_markdown, group_runs, load_runs, main, pareto_points
 from eaft_pl.plots import pareto_front
 
 # name -> {metric: [value at step 0, 10, 20]}; two seeds per method, the base identical per seed.
@@ -27,7 +27,9 @@ def store(tmp_path_factory):
     client = MlflowClient(uri)
     exp = client.create_experiment("toy", artifact_location=str(tmp_path / "artifacts"))
     for name, metrics in RUNS.items():
-        run = client.create_run(exp, run_name=name, tags={"method": name.split("-")[0]})
+        # The base checkpoint, as the experiment tags it: one per seed, shared by the methods.
+        tags = {"method": name.split("-")[0], "model": f"outputs/toy/base-{name.rsplit('-', 1)[1]}"}
+        run = client.create_run(exp, run_name=name, tags=tags)
         for key, values in metrics.items():
             for step, value in zip((0, 10, 20), values):
                 client.log_metric(run.info.run_id, key, value, step=step)
@@ -70,10 +72,12 @@ def test_groups_aggregate_seeds_with_base_final_and_delta(store):
         assert row["general_avg"]["std"] == pytest.approx(statistics.stdev(general))
         deltas = [g - b for g, b in zip(general, base_general)]
         assert row["general_delta"]["mean"] == pytest.approx(statistics.fmean(deltas))
-    base_domain, base_general = direct("", 0)
-    assert table["base"]["n"] == 4
+    # The base row: each of the 2 distinct bases once (not once per method), so n and std are theirs.
+    base_domain, base_general = direct("sft", 0)  # one run per base
+    assert table["base"]["n"] == 2 and table["base"]["bases"] == ["outputs/toy/base-seed0", "outputs/toy/base-seed1"]
     assert table["base"]["general_avg"]["mean"] == pytest.approx(statistics.fmean(base_general))
     assert table["base"]["domain_avg"]["mean"] == pytest.approx(statistics.fmean(base_domain))
+    assert table["base"]["domain_avg"]["std"] == pytest.approx(statistics.stdev(base_domain))
 
     md = format_markdown(table).splitlines()
     assert md[0] == "| name | runs | job | Domain avg | a | b | General avg (Δ base) |"
@@ -121,6 +125,61 @@ def test_errors_name_the_experiment_and_the_metrics_found(store, capsys):
     assert e.value.code == 2 and "no MLflow experiment named 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"val/general/<task>/acc.*found: val/domain/job/content"):
         load_runs(MlflowClient(uri), "toy", general_metric="acc")
+
+
+def scores(name, base, domain, general, group="g"):
+    return RunScores(run_id=name, name=name, group={"name": group}, domain=domain, general=general, base=base)
+
+
+def test_runs_missing_a_task_are_refused_by_name():
+    full = scores("a-seed0", "b0", {"job": (0.1, 0.5)}, {"x": (1.0, 0.9), "y": (0.5, 0.4)})
+    short = scores("a-seed1", "b1", {"job": (0.1, 0.5)}, {"x": (1.0, 0.9)})
+    with pytest.raises(ValueError, match=r"run 'a-seed1' \(a-seed1\) has no scores for general/y"):
+        group_runs([full, short])
+    no_domain = scores("c-seed0", "b0", {}, {"x": (1.0, 0.9), "y": (0.5, 0.4)}, group="c")
+    with pytest.raises(ValueError, match="run 'c-seed0'.*domain/job"):
+        group_runs([full, no_domain])
+
+
+def test_the_command_exits_with_the_missing_task(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("gaps", artifact_location=str(tmp_path / "artifacts"))
+    for name, keys in (("sft-seed0", ["val/domain/job/content", "val/general/a/exact", "val/general/b/exact"]),
+                       ("sft-seed1", ["val/domain/job/content", "val/general/a/exact"])):  # fmt: skip
+        run = client.create_run(exp, run_name=name)
+        for key in keys:
+            client.log_metric(run.info.run_id, key, 0.5, step=0)
+        client.set_terminated(run.info.run_id)
+    with pytest.raises(SystemExit) as e:
+        main(["--experiment", "gaps", "--tracking-uri", uri, "--no-log"])
+    assert e.value.code == 2 and "run 'sft-seed1'" in capsys.readouterr().err
+
+
+def test_bases_disagreeing_or_differing_between_groups_are_warned_about():
+    a0 = scores("sft-seed0", "base0", {"job": (0.1, 0.5)}, {"x": (1.0, 0.9)}, group="sft")
+    b0 = scores("eaft-seed0", "base0", {"job": (0.3, 0.5)}, {"x": (1.0, 0.9)}, group="eaft")
+    with pytest.warns(UserWarning, match="same base 'base0'.*differ on job"):
+        table = group_runs([a0, b0])
+    assert table["base"]["n"] == 1 and table["base"]["domain"]["job"]["mean"] == pytest.approx(0.1)
+    c1 = scores("eaft-seed1", "other", {"job": (0.1, 0.5)}, {"x": (1.0, 0.9)}, group="eaft")
+    with pytest.warns(UserWarning, match="fine-tuned from different base models"):
+        assert group_runs([a0, c1])["base"]["n"] == 2
+
+
+def test_a_failed_artifact_upload_ends_the_compare_run_failed(store, monkeypatch):
+    uri, tmp_path = store
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main(["--experiment", "toy", "--tracking-uri", uri])
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("toy")
+    statuses = [r.info.status for r in client.search_runs([exp.experiment_id], filter_string="tags.stage = 'compare'")]
+    assert "FAILED" in statuses and "RUNNING" not in statuses
 
 
 def test_pareto_front_keeps_the_undominated_points():

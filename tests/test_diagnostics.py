@@ -39,27 +39,32 @@ def spread_stats(seed=0, n_rows=6, vocab=40):
     return token_statistics(logits, labels, compute_grad_norm=True)
 
 
-def test_histogram_counts_match_a_loop_with_the_edges_in_the_last_bins():
-    grid = PlaneGrid(h_max=LN20, p_bins=4, h_bins=5)
-    stats = spread_stats()
-    # The upper edges themselves (p = 1, H = ln K) and a value just below an inner edge.
-    p = torch.cat([stats.label_prob, torch.tensor([1.0, 0.0, 0.25 - 1e-9])])
-    h = torch.cat([stats.topk_entropy, torch.tensor([LN20, 0.0, LN20 / 5])])
-    values = torch.arange(p.numel(), dtype=torch.float64)
-    expected = torch.zeros(4, 5, dtype=torch.float64)
-    expected_sum = torch.zeros(4, 5, dtype=torch.float64)
-    for pi, hi, v in zip(p.tolist(), h.tolist(), values.tolist()):
-        i = min(int(pi * 4), 3)
-        j = min(int(hi / LN20 * 5), 4)
-        expected[i, j] += 1
-        expected_sum[i, j] += v
+def test_histogram_bins_of_hand_picked_points_edges_included():
+    # Edges exact in float64: p in quarters, H in halves of [0, 4].
+    grid = PlaneGrid(h_max=4.0, p_bins=4, h_bins=8)
+    points = [  # (p, H) -> (p bin, H bin), written out
+        ((1.0, 4.0), (3, 7)),  # the upper edges themselves: the last bins
+        ((0.0, 0.0), (0, 0)),
+        ((0.25, 0.5), (1, 1)),  # on inner edges: the upper bins
+        ((0.25 - 1e-12, 0.5 - 1e-12), (0, 0)),  # just below them: the lower bins
+        ((0.6, 3.9), (2, 7)),
+        ((1.5, 5.0), (3, 7)),  # out of range above: clamped into the last bins
+        ((-0.1, -1.0), (0, 0)),  # and below: the first bins
+        ((0.74, 2.2), (2, 4)),
+        ((0.5, 1.99), (2, 3)),
+    ]
+    p = torch.tensor([pt[0][0] for pt in points], dtype=torch.float64)
+    h = torch.tensor([pt[0][1] for pt in points], dtype=torch.float64)
     counts = histogram2d(p, h, grid)
+    expected = torch.zeros(4, 8, dtype=torch.float64)
+    expected[3, 7], expected[0, 0], expected[1, 1], expected[2, 7], expected[2, 4], expected[2, 3] = 2, 3, 1, 1, 1, 1
     assert torch.equal(counts, expected)
-    assert counts.sum() == p.numel()
-    assert counts[3, 4] >= 1 and counts[0, 0] >= 1  # p = 1 with H = ln K, and (0, 0)
-    assert counts[0, 1] >= 1  # H = ln20 / 5 lies on an inner edge: the upper bin
-    assert torch.equal(histogram2d(p, h, grid, values), expected_sum)
-    assert grid.p_edges == [0.0, 0.25, 0.5, 0.75, 1.0] and grid.h_edges[-1] == pytest.approx(LN20)
+    values = torch.arange(len(points), dtype=torch.float64)  # value i at point i
+    sums = torch.zeros(4, 8, dtype=torch.float64)
+    sums[3, 7], sums[0, 0], sums[1, 1], sums[2, 7], sums[2, 4], sums[2, 3] = 0 + 5, 1 + 3 + 6, 2, 4, 7, 8
+    assert torch.equal(histogram2d(p, h, grid, values), sums)
+    assert grid.p_edges == [0.0, 0.25, 0.5, 0.75, 1.0] and grid.h_edges == [0.5 * i for i in range(9)]
+    assert PlaneGrid(h_max=LN20, p_bins=4, h_bins=5).h_edges[-1] == pytest.approx(LN20)
 
 
 def test_quantile_threshold_is_the_kth_smallest_value():
@@ -98,7 +103,7 @@ def test_conflict_shares_match_direct_counts():
     h_sorted, p_sorted = sorted(hn.tolist()), sorted(p.tolist())
     k = math.ceil(0.2 * n)
     h_t, p_t = h_sorted[k - 1], p_sorted[k - 1]
-    both = sum(1 for pi, hi in zip(p.tolist(), hn.tolist()) if hi <= h_t + 1e-6 and pi <= p_t + 1e-6)
+    both = sum(1 for pi, hi in zip(p.tolist(), hn.tolist()) if hi <= h_t + 1e-6 and pi <= p_t)
     absolute = sum(1 for pi, hi in zip(p.tolist(), hn.tolist()) if hi <= 0.3 and pi <= 0.05)
     assert out["tokens"] == n
     assert out["entropy_threshold"] == pytest.approx(h_t) and out["prob_threshold"] == pytest.approx(p_t)
@@ -107,10 +112,44 @@ def test_conflict_shares_match_direct_counts():
     assert 0 < out["absolute_share"] < 1 and 0 < out["quantile_share"] <= 0.2
     # Sharp rows have entropies within 1e-6 of 0: tied with the threshold, so the share exceeds 20%.
     assert out["entropy_bottom_share"] == pytest.approx(sum(hi <= h_t + 1e-6 for hi in hn.tolist()) / n)
-    assert out["prob_bottom_share"] == pytest.approx(sum(pi <= p_t + 1e-6 for pi in p.tolist()) / n)
-    assert out["entropy_bottom_share"] > 0.2 and out["prob_bottom_share"] > 0.2
+    # Label probabilities tie only when equal (no tolerance): exactly ceil(0.2 n) of distinct values.
+    assert out["prob_bottom_share"] == pytest.approx(sum(pi <= p_t for pi in p.tolist()) / n)
+    assert out["entropy_bottom_share"] > 0.2 and out["prob_bottom_share"] == pytest.approx(k / n)
     with pytest.raises(ValueError, match="no supervised tokens"):
         conflict_shares(torch.tensor([]), torch.tensor([]))
+
+
+def test_no_tie_tolerance_on_label_probability_near_1e6():
+    # Real data has label-probability thresholds around 1e-6 (toy world: 9.8e-7); an absolute 1e-6
+    # tolerance would sweep in every p up to ~2e-6. Here the bottom 10% is p <= 1.0e-6 (10 tokens)
+    # while 30 more tokens lie in (1e-6, 2e-6).
+    p = torch.cat([
+        torch.linspace(1e-7, 1e-6, 10, dtype=torch.float64),
+        torch.linspace(1.1e-6, 1.9e-6, 30, dtype=torch.float64),
+        torch.linspace(0.01, 0.9, 60, dtype=torch.float64),
+    ])  # fmt: skip
+    h = torch.zeros(100, dtype=torch.float64)  # all tied at H = 0: the entropy side selects everything
+    out = conflict_shares(p, h, quantile=0.1, max_norm_entropy=0.17, max_label_prob=0.1)
+    assert out["prob_threshold"] == pytest.approx(1e-6)
+    assert out["prob_bottom_share"] == 0.10  # the old rule (p <= t + 1e-6) gave 0.40
+    assert out["quantile_share"] == 0.10
+    assert out["entropy_bottom_share"] == 1.0
+
+
+def test_weight_summary_percentiles_match_a_sorted_list():
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 1001):
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        out = weight_summary(w, torch.ones(n, dtype=torch.float64))
+        xs = sorted(w.tolist())
+        for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
+            pos = q * (n - 1)  # linear interpolation between the order statistics around q (n - 1)
+            lo = int(pos)
+            hi = min(lo + 1, n - 1)
+            assert out[name] == pytest.approx(xs[lo] + (pos - lo) * (xs[hi] - xs[lo]), abs=1e-12), (n, name)
+    w = torch.tensor([0.0, 1.0, 0.5, 0.25, 0.75], dtype=torch.float64)  # sorted: 0, .25, .5, .75, 1
+    out = weight_summary(w, torch.ones(5))
+    assert (out["p10"], out["p50"], out["p90"]) == pytest.approx((0.1, 0.5, 0.9))
 
 
 def test_accumulator_regions_match_direct_means_and_batches_add_up():
@@ -234,7 +273,8 @@ def test_disabled_callback_logs_nothing_and_leaves_the_module_alone(tmp_path, to
     trainer = pl.Trainer(logger=False, callbacks=[callback], accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
     logged = trainer.validate(module, datamodule=data)[0]
     assert not module.eval_grad_norm and callback.history == []
-    assert not any("entropy_" in k or "grad_norm" in k for k in logged)
+    # The keys the enabled callback logs (ce_low_entropy, share_low_entropy, grad_norm_*): none here.
+    assert not any("low_entropy" in k or "high_entropy" in k or "grad_norm" in k for k in logged)
 
 
 def test_bad_thresholds_name_the_key():
