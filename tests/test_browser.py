@@ -7,6 +7,7 @@ Needs Debian's ``chromium`` (``apt-get install -y chromium``; ``.ci/run`` instal
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """End the process group ``proc`` leads (started with ``start_new_session=True``): SIGTERM, up to
+    ``grace`` seconds for the leader, then SIGKILL for whatever of the group is left (the MLflow UI's
+    uvicorn and huey workers, Chromium's helpers), so nothing outlives the test."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.wait(timeout=10)
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -65,9 +82,15 @@ def _browse(chromium: str, url: str, profile: Path, *, dump: bool = False, scree
     """Open ``url`` in a fresh headless Chromium; return the rendered DOM or write a screenshot."""
     args = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
     args += ["--dump-dom"] if dump else [f"--screenshot={screenshot}"]
-    done = subprocess.run(args + [url], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    browser = subprocess.Popen(
+        args + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = browser.communicate(timeout=120)
+    finally:
+        _stop_group(browser, grace=5)
+    assert browser.returncode == 0, stderr[-2000:]
+    return stdout
 
 
 def _dom_with(chromium: str, url: str, profile: Path, needles: list) -> str:
@@ -104,7 +127,7 @@ def test_the_mlflow_ui_shows_runs_a_metric_chart_and_the_heatmap(tmp_path, monke
     with open(log, "w") as out:
         server = subprocess.Popen(
             [*command, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
         )  # fmt: skip
     try:
         _wait_healthy(base, server, log)
@@ -126,9 +149,4 @@ def test_the_mlflow_ui_shows_runs_a_metric_chart_and_the_heatmap(tmp_path, monke
         for name in ("runs.png", "metrics.png", "heatmap.png"):
             assert (shots / name).read_bytes()[:4] == b"\x89PNG", name
     finally:
-        server.terminate()  # by its PID; its job workers exit once the server is gone
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        _stop_group(server, grace=20)  # the server's group: its uvicorn and huey workers too
