@@ -92,6 +92,9 @@ def test_analyze_reports_what_a_direct_pass_computes_and_logs_an_mlflow_run(smal
     assert run.data.tags["stage"] == "analyze" and run.data.tags["method"] == "eaft"
     assert run.data.metrics["analyze/sft_data/conflict_share_absolute"] == pytest.approx(s["conflicts"]["absolute_share"])
     assert run.data.metrics["analyze/on_policy/tokens"] == summary["on_policy"]["tokens"]
+    # The EAFT-weighted gradient, named apart from the training callback's active-gate metric.
+    assert run.data.metrics["analyze/sft_data/grad_norm_eaft_all"] == pytest.approx(s["regions"]["grad_norm_eaft_all"])
+    assert not any("grad_norm_weighted" in k for k in run.data.metrics)
     files = {a.path for a in client.list_artifacts(run.info.run_id, "analyze")}
     assert files == {f"analyze/{n}" for n in ("summary.json", "report.md", "plane.png", "gradient.png", "weights.png")}
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from mlflow import MlflowClient
 
-from eaft_pl.compare import RunScores, format_markdown, group_runs, load_runs, main, pareto_points
+from eaft_pl.compare import RunScores, atomic_write, format_markdown, group_runs, load_runs, main, pareto_points
 from eaft_pl.plots import pareto_front
 
 # name -> {metric: [value at step 0, 10, 20]}; two seeds per method, the base identical per seed.
@@ -180,6 +180,20 @@ def test_a_failed_artifact_upload_ends_the_compare_run_failed(store, monkeypatch
     exp = client.get_experiment_by_name("toy")
     statuses = [r.info.status for r in client.search_runs([exp.experiment_id], filter_string="tags.stage = 'compare'")]
     assert "FAILED" in statuses and "RUNNING" not in statuses
+
+
+def test_atomic_write_replaces_whole_files_and_a_failed_write_keeps_the_old_one(tmp_path):
+    target = tmp_path / "table.md"
+    atomic_write(target, lambda p: p.write_text("old\n"))
+
+    def half_then_fail(p):
+        p.write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]  # no temporary file left behind
 
 
 def test_pareto_front_keeps_the_undominated_points():
