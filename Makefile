@@ -16,7 +16,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # Options of the embedded experiment, e.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all --lrs 3e-4 1e-3 3e-3"
 DEMO_ARGS ?=
 
-.PHONY: demo quickstart figures test install clean
+.PHONY: demo quickstart figures gate-dynamics test install clean
 
 install: $(STAMP)
 
@@ -54,6 +54,20 @@ figures: $(STAMP)
 	cp $(FIGURES)/analyze/plane.png docs/img/toyworld_plane.png
 	cp $(FIGURES)/analyze/gradient.png docs/img/toyworld_gradient.png
 	cp $(FIGURES)/compare/pareto.png docs/img/toyworld_pareto.png
+
+# The README's "Gate dynamics" numbers and figures: 3 seeds x SFT, EAFT, the base-model gates, FLOW,
+# SFT-KL and ASFT at lr 1e-3 (24 fine-tunes, bases cached in outputs/toyworld), then compare's
+# Pareto plot; both figures are copied to docs/img.
+GATES := outputs/gate_dynamics
+gate-dynamics: $(STAMP)
+	rm -rf $(GATES)
+	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 1e-3 \
+		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
+		--tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --results $(GATES)/sweep.json
+	$(BIN)/eaft-pl compare --experiment toyworld --tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --out $(GATES)/compare --no-log
+	mkdir -p docs/img
+	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
+	cp $(GATES)/compare/pareto.png docs/img/toyworld_pareto_reference.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
