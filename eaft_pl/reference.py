@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eaft_pl.compare import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, TokenStats, token_statistics
 
 __all__ = [
@@ -232,18 +231,6 @@ def compute_reference_table(
     return table
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_or_compute_reference(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -271,7 +258,8 @@ def load_or_compute_reference(
                 return ReferenceTable.from_state(state), path, True
     table = compute_reference_table(model, splits, top_k, collate_fn, batch_size, progress)
     if path is not None:
-        _atomic_save(table.state(), path)
+        # Temporary file + rename: a concurrent reader (another rank) never sees half a file.
+        atomic_write(path, lambda tmp: torch.save(table.state(), tmp))
     return table, path, False
 
 

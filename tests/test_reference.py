@@ -173,7 +173,7 @@ def test_cache_is_reused_only_for_the_same_model_data_tokenizer_and_k(char_token
         return load_or_compute_reference(m, tok, d, k, lambda ex: collate(ex, pad), str(tmp_path), batch_size=2)
 
     table, path, hit = run()
-    assert not hit and path.is_file() and not list(tmp_path.glob("*.tmp"))
+    assert not hit and [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     again, same_path, hit = run()
     assert hit and same_path == path
     for key, entry in table.entries.items():
