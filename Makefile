@@ -60,13 +60,16 @@ figures: $(STAMP)
 # compare's Pareto plot of the 1e-3 runs; both figures are copied to docs/img.
 GATES := outputs/gate_dynamics
 gate-dynamics: $(STAMP)
-	rm -rf $(GATES) $(GATES)_lr3e-4
+	rm -rf $(GATES) $(GATES)_lr3e-4 $(GATES)_lr3e-3
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 1e-3 \
 		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
 		--tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --results $(GATES)/sweep.json
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 3e-4 \
 		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
 		--tracking-uri sqlite:///$(CURDIR)/$(GATES)_lr3e-4/mlflow.db --results $(GATES)_lr3e-4/sweep.json
+	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 3e-3 \
+		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
+		--tracking-uri sqlite:///$(CURDIR)/$(GATES)_lr3e-3/mlflow.db --results $(GATES)_lr3e-3/sweep.json
 	$(BIN)/eaft-pl compare --experiment toyworld --tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --out $(GATES)/compare --no-log
 	mkdir -p docs/img
 	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
