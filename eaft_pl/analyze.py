@@ -35,10 +35,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from torch import Tensor
 
-from eaft_pl.compare import atomic_write
 from eaft_pl.data.chat import DataError, EncodedExample, collate, pad_token_id
 from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
+from eaft_pl.fileio import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, token_statistics
+from eaft_pl.reference_gates import confident_conflict_mask
 from eaft_pl.tracking import mlflow_loggers, run_tags
 
 __all__ = ["EAFTTrainer", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
@@ -422,7 +423,7 @@ class EAFTTrainer(Trainer):
     @staticmethod
     def _conflict_tables(model: Any, examples: List[EncodedExample], table: TokenTable, top: int) -> Dict[str, Any]:
         hp = model.hparams
-        flags = (table.norm_entropy <= hp.conflict_max_norm_entropy) & (table.label_prob <= hp.conflict_max_label_prob)
+        flags = confident_conflict_mask(table.norm_entropy, table.label_prob, hp.conflict_max_norm_entropy, hp.conflict_max_label_prob)
         total = max(int(flags.sum()), 1)
         tok = model.tokenizer
         tokens = [

@@ -38,6 +38,7 @@ from eaft_pl.losses import (
     Gate,
     TokenStats,
     _validate_top_k,
+    divide_weighted_sum,
     row_blocks,
     row_statistics_,
     softmax_minus_onehot_,
@@ -103,20 +104,20 @@ def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(a @ b)
 
 
+@dataclass
 class _Plan:
     """The non-tensor arguments of one call and the statistics it produces (returned out of band)."""
 
-    def __init__(self, gate: Gate, top_k: int, chunk_size: int, transform: LogitTransform, want_full: bool, want_grad_norm: bool) -> None:
-        self.gate = gate
-        self.top_k = top_k
-        self.chunk_size = chunk_size
-        self.transform = transform
-        self.want_full = want_full
-        self.want_grad_norm = want_grad_norm
-        self.stats: Optional[TokenStats] = None
-        self.weights: Optional[Tensor] = None
-        #: The reference model's ``(N,)`` statistics of the supervised tokens, or None.
-        self.reference: Optional[Dict[str, Tensor]] = None
+    gate: Gate
+    top_k: int
+    chunk_size: int
+    transform: LogitTransform
+    want_full: bool
+    want_grad_norm: bool
+    stats: Optional[TokenStats] = None
+    weights: Optional[Tensor] = None
+    #: The reference model's ``(N,)`` statistics of the supervised tokens, or None.
+    reference: Optional[Dict[str, Tensor]] = None
 
     def chunks(self, n: int):
         return row_blocks(n, self.chunk_size)
@@ -276,11 +277,7 @@ def chunked_gated_loss(
     ``num_items_in_batch`` when given, else by the number of supervised tokens. ``options`` are those of
     :func:`chunked_token_statistics` (``bias``, ``top_k``, ``chunk_size``, ``transform``, ...)."""
     stats, _, total = chunked_token_statistics(hidden, weight, labels, gate, **options)
-    if num_items_in_batch is None:
-        return total / max(stats.num_tokens, 1)
-    if isinstance(num_items_in_batch, Tensor):
-        return total / num_items_in_batch.to(total.device).clamp(min=1)
-    return total / max(num_items_in_batch, 1)
+    return divide_weighted_sum(total, stats.num_tokens, num_items_in_batch)
 
 
 def check_chunked_support(model: torch.nn.Module, transform: LogitTransform, *, length: int = 8) -> None:

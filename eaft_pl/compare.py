@@ -20,14 +20,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import statistics
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+from eaft_pl.fileio import atomic_write
 
 __all__ = ["RunScores", "load_runs", "group_runs", "format_markdown", "write_csv", "pareto_points", "main"]
 
@@ -224,23 +225,6 @@ def _distinct_bases(runs: List[RunScores]) -> Dict[str, RunScores]:
         listing = "; ".join(f"{g}: {sorted(b)}" for g, b in sorted(per_group.items()))
         warnings.warn(f"the groups were fine-tuned from different base models ({listing})", stacklevel=3)
     return bases
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write`` on a temporary file next to ``path`` (same suffix, so matplotlib picks the
-    format) and rename it onto ``path``: a reader never sees a half-written file, and a failed write
-    leaves the previous file in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _pm(stat: Dict[str, float], scale: float) -> str:

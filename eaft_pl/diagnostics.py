@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from eaft_pl.reference_gates import confident_conflict_mask
+
 __all__ = [
     "PlaneGrid",
     "histogram2d",
@@ -154,7 +156,7 @@ def conflict_shares(
     low_h, h_t = bottom_quantile(norm_entropy, quantile, atol)
     # No tolerance on p: its threshold is itself ~1e-6 on real data (see the module docstring).
     low_p, p_t = bottom_quantile(label_prob, quantile, 0.0)
-    absolute = (norm_entropy <= max_norm_entropy) & (label_prob <= max_label_prob)
+    absolute = confident_conflict_mask(norm_entropy, label_prob, max_norm_entropy, max_label_prob)
     return {
         "quantile_share": float((low_h & low_p).double().mean()),
         "absolute_share": float(absolute.double().mean()),
@@ -238,7 +240,7 @@ def region_masks(
     low-entropy and high-entropy tokens (nats)."""
     return {
         "all": torch.ones_like(label_prob, dtype=torch.bool),
-        "conflict": (norm_entropy <= max_norm_entropy) & (label_prob <= max_label_prob),
+        "conflict": confident_conflict_mask(norm_entropy, label_prob, max_norm_entropy, max_label_prob),
         "low_entropy": entropy <= low_max,
         "high_entropy": entropy >= high_min,
     }

@@ -44,6 +44,7 @@ __all__ = [
     "full_entropy",
     "logit_grad_norm",
     "reduce_weighted",
+    "divide_weighted_sum",
     "Gate",
     "SFTGate",
     "EAFTGate",
@@ -365,19 +366,21 @@ def reduce_weighted(weights: Tensor, ce: Tensor, num_items_in_batch: Optional[Un
     With no supervised token the result is a zero that stays attached to the graph (so a DDP rank
     with an empty micro-batch still produces gradients and does not hang the others).
     """
-    weighted = weights.detach() * ce  # (N,)
-    total = weighted.sum()
+    return divide_weighted_sum((weights.detach() * ce).sum(), ce.numel(), num_items_in_batch)
+
+
+def divide_weighted_sum(total: Tensor, num_tokens: int, num_items_in_batch: Optional[Union[int, Tensor]] = None) -> Tensor:
+    """``total / num_items_in_batch`` if given, else ``total / num_tokens``; a count of 0 returns the
+    (attached, zero) sum itself rather than 0/0."""
     if num_items_in_batch is not None:
-        # A count of 0 means the whole step has no supervised token, so the sum is 0 too: return that
-        # attached 0 rather than 0/0. Clamping a tensor avoids a host sync.
+        # A count of 0 means the whole step has no supervised token, so the sum is 0 too. Clamping a
+        # tensor avoids a host sync.
         if isinstance(num_items_in_batch, Tensor):
             return total / num_items_in_batch.to(total.device).clamp(min=1)
         if num_items_in_batch < 0:
             raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
         return total / max(num_items_in_batch, 1)
-    if ce.numel() == 0:
-        return total  # an attached 0: mean() of nothing would be nan
-    return total / ce.numel()
+    return total / max(num_tokens, 1)  # an attached 0 when there is no token: mean() of nothing is nan
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eaft_pl.compare import atomic_write
+from eaft_pl.fileio import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, TokenStats, token_statistics
 
 __all__ = [
