@@ -47,6 +47,9 @@ class Conversation:
 
     messages: List[Dict[str, Any]]
     source: str = "<memory>"
+    #: Tool (function) definitions in the OpenAI layout, given to the chat template as ``tools`` (it
+    #: renders them, usually into the system turn); None for a conversation without tools.
+    tools: Optional[List[Dict[str, Any]]] = None
 
 
 @dataclass
@@ -64,11 +67,38 @@ class EncodedExample:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
-def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
-    """Check the structure of a conversation and return it as a list of role/content dicts.
+#: Keys a message may carry besides ``role`` and ``content``, by role: what chat templates of tool-using
+#: and reasoning models read (Qwen3, Llama 3.1+, Mistral, GLM-4). Anything else is refused, not dropped.
+OPTIONAL_KEYS = {
+    "assistant": ("reasoning_content", "tool_calls", "name"),
+    "tool": ("tool_call_id", "name"),
+    "user": ("name",),
+    "system": ("name",),
+}
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: 'tool_calls' must be a non-empty list of {{'function': {{'name', 'arguments'}}}} objects")
+    for k, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
+            raise DataError(
+                f"{where}: tool_calls[{k}] needs a function 'name' (a string) and 'arguments' (an object or a JSON "
+                "string), in the OpenAI layout {'type': 'function', 'function': {'name', 'arguments'}}"
+            )
+
+
+def validate_messages(messages: Any, source: str) -> List[Dict[str, Any]]:
+    """Check the structure of a conversation and return it as a list of message dicts.
+
+    A message has ``role`` and ``content``; an assistant turn may also carry ``reasoning_content``
+    and ``tool_calls`` (then its content may be empty or null), a tool turn ``tool_call_id`` and
+    ``name`` (see :data:`OPTIONAL_KEYS`). They are passed to the chat template, which decides how to
+    render them.
 
     Raises:
-        DataError: not a non-empty list of ``{"role", "content"}`` objects, an unknown role, an
+        DataError: not a non-empty list of ``{"role", "content"}`` objects, an unknown role or key, an
             assistant turn before any prompt, an empty assistant turn, or no assistant turn.
     """
     if not isinstance(messages, list) or not messages:
@@ -84,11 +114,29 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}")
+        allowed = OPTIONAL_KEYS[role]
+        unknown = sorted(set(m) - {"role", "content", *allowed})
+        if unknown:
+            raise DataError(
+                f"{where}: unknown key(s) {unknown} on a {role} message; it may carry 'role', 'content'"
+                + (f" and {list(allowed)}" if allowed else "")
+                + " (rename or remove the others: eaft-pl does not drop data silently)"
+            )
+        calls = m.get("tool_calls")
+        if calls is not None:
+            _check_tool_calls(calls, where)
+        if content is None and calls is not None:
+            content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
             raise DataError(f"{where}: 'content' must be a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f"{where}: 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+        if role == "assistant" and not content.strip() and not calls:
             raise DataError(f"{where}: empty assistant turn; remove the example or fill in the answer")
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        message.update({k: m[k] for k in allowed if m.get(k) is not None})
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{source}: no assistant turn, so nothing to train on; add one or remove the example")
     first = next(m["role"] for m in out if m["role"] != "system")
@@ -98,41 +146,58 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
 
 
 def _render(
-    tokenizer: Any, messages: Sequence[Dict[str, str]], generation_prompt: bool, template: Optional[str], source: str
+    tokenizer: Any,
+    messages: Sequence[Dict[str, Any]],
+    generation_prompt: bool,
+    template: Optional[str],
+    source: str,
+    tools: Optional[List[Dict[str, Any]]] = None,
 ) -> str:
     from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
         )
     except TemplateError as e:  # e.g. "roles must alternate user/assistant"
         raise DataError(f"{source}: the chat template refused this conversation: {e}") from None
 
 
 def assistant_char_spans(
-    tokenizer: Any, messages: Sequence[Dict[str, str]], chat_template: Optional[str] = None, source: str = "<memory>"
+    tokenizer: Any,
+    messages: Sequence[Dict[str, Any]],
+    chat_template: Optional[str] = None,
+    source: str = "<memory>",
+    tools: Optional[List[Dict[str, Any]]] = None,
 ) -> Tuple[str, List[Tuple[int, int]]]:
-    """Render a conversation and return its text and the ``[start, end)`` character span of every
-    assistant turn.
+    """Render a conversation (with its ``tools``, if any) and return its text and the ``[start, end)``
+    character span of every assistant turn: its reasoning and tool calls are supervised too, as the
+    template renders them.
 
     Raises:
         DataError: the template is not prefix-stable (rendering a prefix of the conversation does
             not give a prefix of the full text), so assistant spans cannot be located.
     """
-    text = _render(tokenizer, messages, False, chat_template, source)
+    text = _render(tokenizer, messages, False, chat_template, source, tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start_text = _render(tokenizer, messages[:i], True, chat_template, source)
-        end_text = _render(tokenizer, messages[: i + 1], False, chat_template, source)
+        start_text = _render(tokenizer, messages[:i], True, chat_template, source, tools)
+        end_text = _render(tokenizer, messages[: i + 1], False, chat_template, source, tools)
         if not (end_text.startswith(start_text) and text.startswith(end_text)):
             raise DataError(
                 f"{source}: the chat template is not prefix-stable at message {i} (rendering the "
                 "conversation up to a turn does not give a prefix of the whole conversation), so the "
                 "assistant tokens cannot be located; pass a template that renders earlier turns "
                 "unchanged as data.init_args.chat_template"
+                + (
+                    " (templates that keep only the last turn's reasoning, as Qwen3's do, change earlier "
+                    "turns: split multi-turn conversations with reasoning_content into one example per "
+                    "assistant turn, or drop the earlier turns' reasoning)"
+                    if any("reasoning_content" in m for m in messages[: i + 1])
+                    else ""
+                )
             )
         spans.append((len(start_text), len(end_text)))
     return text, spans
@@ -146,7 +211,7 @@ def encode_conversation(
 ) -> EncodedExample:
     """Render, tokenise and mask a conversation; truncate it on the right to ``max_length`` tokens."""
     messages = validate_messages(conversation.messages, conversation.source)
-    text, spans = assistant_char_spans(tokenizer, messages, chat_template, conversation.source)
+    text, spans = assistant_char_spans(tokenizer, messages, chat_template, conversation.source, conversation.tools)
     # The template writes BOS and other special tokens itself; adding them again would duplicate them.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: List[int] = list(enc["input_ids"])
