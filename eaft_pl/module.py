@@ -334,7 +334,7 @@ class EAFTModule(pl.LightningModule):
         full = hp.log_full_entropy or self.gate.needs_full_entropy
         position_ids = batch.get("position_ids")  # set in packed batches
         if position_ids is not None and not self._packing_checked:
-            check_packing_support(self.model)
+            check_packing_support(self.model, rows=min(2, position_ids.shape[0]))
             self._packing_checked = True
         reference, ref_logits = self.batch_reference(batch)
         if hp.chunk_size is None:

@@ -201,6 +201,32 @@ def test_an_attention_that_ignores_position_ids_is_refused(tokenizer_dir, char_t
         module.token_stats(batch)
 
 
+def test_an_attention_that_separates_sequences_only_in_one_row_needs_batch_size_one(tokenizer_dir, char_tokenizer):
+    # What transformers' flash_attention_2 does: the boundaries come from the position ids only when
+    # the batch has one row; with more rows it attends causally over each whole row.
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def varlen_in_one_row(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+        if query.shape[0] == 1 and position_ids is not None:
+            seq = sequence_ids(position_ids)[0]
+            mask = torch.ones(len(seq), len(seq), dtype=torch.bool).tril() & (seq[:, None] == seq[None, :])
+            return sdpa_attention_forward(module, query, key, value, mask[None, None], **kwargs)
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+    AttentionInterface.register("varlen_in_one_row", varlen_in_one_row)
+    module = build_module(tokenizer_dir, dict(TINY_LLAMA, attn_implementation="varlen_in_one_row"), SFTGate())
+    examples = conversations(char_tokenizer, 4)
+    pad = char_tokenizer.pad_token_id
+    one_row = collate_packed([examples], pad)
+    packed, _, _ = module.token_stats(one_row)
+    unpacked, _, _ = module.token_stats(collate(examples, pad))
+    assert_same_per_example(packed.ce.detach(), unpacked.ce.detach(), one_row, collate(examples, pad))
+    module._packing_checked = False  # as on a fresh run whose batches hold two rows
+    with pytest.raises(ValueError, match=r"in a batch of one row but not of 2; set data\.init_args\.batch_size: 1"):
+        module.token_stats(collate_packed([examples[:2], examples[2:]], pad))
+
+
 # ---- the reference (base-model) statistics of packed batches --------------------------------------------
 
 

@@ -12,9 +12,11 @@ conversation is never split: it already fits, since encoding truncates it to ``m
 ``position_ids`` that restart at 0, and no ``attention_mask``. From such position ids ``transformers``
 (>= 4.56) builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``: a new
 sequence starts wherever a position is not the previous one plus 1) for the eager and sdpa
-implementations, and flash-attention takes the same position ids as sequence boundaries. Rows are
+implementations; ``flash_attention_2`` reads the same boundaries from the position ids, but only in
+a batch of one row (:func:`check_packing_support` tells which case a model is in). Rows are
 right-padded to the longest of the batch; the padding is one more sequence (positions from 0,
-labels -100), so it neither sees nor is seen by a conversation.
+labels -100), so it neither sees nor is seen by a conversation. A KV cache switches the detection
+off, so every forward pass runs with ``use_cache=False``.
 
 **Labels.** The first token of every conversation gets label -100 in the packed row. The loss at
 position t predicts ``labels[t + 1]``; in a packed row the position before a conversation's first
@@ -171,42 +173,59 @@ def sequence_spans(position_ids: Tensor) -> List[List[Tuple[int, int]]]:
     return spans
 
 
-def check_packing_support(model: torch.nn.Module, *, length: int = 6) -> None:
-    """Refuse a model that lets packed sequences attend to each other.
-
-    Runs ``model`` (in eval mode, restored afterwards, without gradients) on two sequences packed in
-    one row with restarting ``position_ids`` and on the second sequence alone, and compares the second
-    one's logits. Models built on ``transformers.masking_utils`` (Llama, Qwen2/2.5/3, Mistral, Gemma,
-    ...) pass with the eager, sdpa and flash-attention implementations; custom code or attention
-    functions that ignore the position ids do not.
-
-    Raises:
-        ValueError: the logits differ, naming ``data.init_args.packing`` and the model class.
-    """
-    name = type(model).__name__
+def _crossing(model: torch.nn.Module, rows: int, length: int) -> float:
+    """How much the logits of a sequence change when another is packed before it, in ``rows`` rows
+    of two sequences each, relative to the logits' scale (eval mode, no gradients)."""
     embedding = model.get_input_embeddings().weight
     vocab, device = embedding.shape[0], embedding.device
-    first = torch.arange(1, length + 1, device=device).remainder(vocab)
-    second = (torch.arange(length, device=device) * 7 + 3).remainder(vocab)
-    positions = torch.arange(length, device=device)
+    steps = torch.arange(length, device=device)
+    firsts = torch.stack([(steps * (r + 2) + 1).remainder(vocab) for r in range(rows)])  # (rows, length)
+    seconds = torch.stack([(steps * 7 + 3 + r).remainder(vocab) for r in range(rows)])
+    positions = steps.expand(rows, length)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             # use_cache=False: with a KV cache transformers does not look for packed sequences.
-            ids, pos = torch.cat([first, second]).unsqueeze(0), torch.cat([positions, positions]).unsqueeze(0)
-            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, length:].float()
-            alone = model(input_ids=second.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False).logits[0].float()
+            ids, pos = torch.cat([firsts, seconds], 1), torch.cat([positions, positions], 1)
+            packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, length:].float()
+            alone = model(input_ids=seconds, position_ids=positions, use_cache=False).logits.float()
     finally:
         model.train(was_training)
-    low_precision = embedding.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
+    return (packed - alone).abs().max().item() / max(1.0, alone.abs().max().item())
+
+
+def check_packing_support(model: torch.nn.Module, *, rows: int = 2, length: int = 6) -> None:
+    """Refuse a model that lets packed sequences attend to each other.
+
+    Runs ``model`` (in eval mode, restored afterwards, without gradients) on ``rows`` rows of two
+    sequences each, with restarting ``position_ids`` and no attention mask, and on the second sequences
+    alone, and compares the second ones' logits. Models built on ``transformers.masking_utils`` (Llama,
+    Qwen2/2.5/3, Mistral, Gemma, ...) pass with the eager and sdpa implementations;
+    ``flash_attention_2`` passes only with one row (transformers reads packed sequences from the
+    position ids only in a batch of one); custom code or attention functions that ignore the position
+    ids do not pass.
+
+    Raises:
+        ValueError: the logits differ, naming ``data.init_args.packing`` and the model class.
+    """
+    embedding = model.get_input_embeddings().weight
+    low_precision = embedding.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(embedding.device.type)
     tol = 1e-2 if low_precision else 1e-4
-    err = (packed - alone).abs().max().item()
-    if not err <= tol * max(1.0, alone.abs().max().item()):
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    err = _crossing(model, rows, length)
+    if err <= tol:
+        return
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    where = f"data.init_args.packing: {type(model).__name__} (attn_implementation {impl!r})"
+    if rows > 1 and _crossing(model, 1, length) <= tol:
         raise ValueError(
-            f"data.init_args.packing: {name} (attn_implementation {impl!r}) lets packed conversations attend to each "
-            f"other (the logits of a sequence change by {err:.3g} when another is packed before it); use a model and "
-            "attention implementation that read sequence boundaries from position_ids (eager, sdpa or "
-            "flash_attention_2 in a transformers model), or set data.init_args.packing: false"
+            f"{where} keeps packed conversations apart in a batch of one row but not of {rows}; set "
+            "data.init_args.batch_size: 1 (one row of max_length tokens per micro-batch; raise "
+            "trainer.accumulate_grad_batches for larger steps), or data.init_args.packing: false"
         )
+    raise ValueError(
+        f"{where} lets packed conversations attend to each other (the logits of a sequence change by "
+        f"{err:.3g} of their scale when another is packed before it); use a model and attention implementation "
+        "that read sequence boundaries from position_ids (eager or sdpa in a transformers model), or set "
+        "data.init_args.packing: false"
+    )
