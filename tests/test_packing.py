@@ -23,7 +23,7 @@ from eaft_pl.data.packing import (
 )
 from eaft_pl.losses import EAFTGate, EntropyMaskGate, SFTGate
 from eaft_pl.reference import compute_reference_table, frozen_reference
-from eaft_pl.reference_gates import StaticEAFTGate
+from eaft_pl.reference_gates import FLOWGate, StaticEAFTGate
 from test_module import RECORDS, CaptureGrads
 
 TINY_QWEN2 = dict(TINY_LLAMA, model_type="qwen2")
@@ -117,9 +117,9 @@ def assert_same_per_example(packed, unpacked, packed_batch, unpacked_batch):
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
 
 
-def build_module(tokenizer_dir, config, gate, chunk_size=None):
+def build_module(tokenizer_dir, config, gate, chunk_size=None, **options):
     torch.manual_seed(0)
-    module = EAFTModule(model_config=config, tokenizer_name_or_path=str(tokenizer_dir), gate=gate, chunk_size=chunk_size)
+    module = EAFTModule(model_config=config, tokenizer_name_or_path=str(tokenizer_dir), gate=gate, chunk_size=chunk_size, **options)
     module.configure_model()
     return module
 
@@ -134,20 +134,31 @@ def step(module, batch):
     return stats, weights, loss.detach(), grads
 
 
+FROZEN = {"reference_source": "frozen"}
+
+
 @pytest.mark.parametrize(
-    "config, gate, chunk_size",
+    "config, gate, chunk_size, options",
     [
-        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), SFTGate(), None, id="llama-sdpa-sft"),
-        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EAFTGate(), None, id="llama-sdpa-eaft"),
-        pytest.param(dict(TINY_LLAMA, attn_implementation="eager"), EAFTGate(), None, id="llama-eager-eaft"),
-        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EAFTGate(), 7, id="llama-sdpa-eaft-chunked"),
-        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EntropyMaskGate(0.3), 7, id="llama-entropy-mask-chunked"),
-        pytest.param(dict(TINY_QWEN2, attn_implementation="sdpa"), EAFTGate(), None, id="qwen2-sdpa-eaft"),
-        pytest.param(dict(TINY_QWEN2, attn_implementation="eager"), SFTGate(), 7, id="qwen2-eager-sft-chunked"),
+        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), SFTGate(), None, {}, id="llama-sdpa-sft"),
+        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EAFTGate(), None, {}, id="llama-sdpa-eaft"),
+        pytest.param(dict(TINY_LLAMA, attn_implementation="eager"), EAFTGate(), None, {}, id="llama-eager-eaft"),
+        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EAFTGate(), 7, {}, id="llama-sdpa-eaft-chunked"),
+        pytest.param(dict(TINY_LLAMA, attn_implementation="sdpa"), EntropyMaskGate(0.3), 7, {}, id="llama-entropy-mask-chunked"),
+        pytest.param(dict(TINY_QWEN2, attn_implementation="sdpa"), EAFTGate(), None, {}, id="qwen2-sdpa-eaft"),
+        pytest.param(dict(TINY_QWEN2, attn_implementation="eager"), SFTGate(), 7, {}, id="qwen2-eager-sft-chunked"),
+        # The frozen base on the packed row: FLOW's weight is each conversation's mean base CE, SFT-KL's
+        # term the per-token KL to the base.
+        pytest.param(TINY_LLAMA, FLOWGate(tau=1.0), None, FROZEN, id="flow-frozen"),
+        pytest.param(TINY_LLAMA, SFTGate(), None, dict(FROZEN, reference_kl_coef=0.5), id="sft-kl-frozen"),
     ],
 )
-def test_packed_loss_statistics_and_gradients_equal_unpacked(tokenizer_dir, char_tokenizer, config, gate, chunk_size):
-    module = build_module(tokenizer_dir, config, gate, chunk_size)
+def test_packed_loss_statistics_and_gradients_equal_unpacked(tokenizer_dir, char_tokenizer, config, gate, chunk_size, options):
+    module = build_module(tokenizer_dir, config, gate, chunk_size, **options)
+    if options:  # a frozen copy of other weights than the trained ones, so the weights are not all 1
+        with torch.no_grad():
+            for p in module.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     examples = conversations(char_tokenizer)
     # Unpacked, a first label is never a target; packed, it must not become one either.
     examples[2] = EncodedExample(examples[2].input_ids, [examples[2].input_ids[0]] + examples[2].labels[1:])
