@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
+from eaft_pl.data.packing import check_packing_support
 from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
 from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
 from eaft_pl.metrics import TokenStatsMetric
@@ -316,9 +317,13 @@ class EAFTModule(pl.LightningModule):
                 "applied; set model.init_args.loss_normalization: micro_batch"
             )
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Return the logits ``(B, T, V)``."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    #: Whether the model was shown to keep packed sequences apart (checked on the first packed batch).
+    _packing_checked = False
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
+        """Return the logits ``(B, T, V)``. Packed batches (``data.init_args.packing``) come with
+        ``position_ids`` that restart per conversation and no ``attention_mask``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
     def token_stats(self, batch: Dict[str, Tensor], *, grad_norm: bool = False) -> Tuple[TokenStats, Tensor, Tensor]:
         """Run the model on a batch; return the supervised tokens' statistics, their gate weights and
@@ -327,9 +332,13 @@ class EAFTModule(pl.LightningModule):
         the KL term needs them (and ``kl``, the per-token KL, with the KL term)."""
         hp = self.hparams
         full = hp.log_full_entropy or self.gate.needs_full_entropy
+        position_ids = batch.get("position_ids")  # set in packed batches
+        if position_ids is not None and not self._packing_checked:
+            check_packing_support(self.model, rows=min(2, position_ids.shape[0]))
+            self._packing_checked = True
         reference, ref_logits = self.batch_reference(batch)
         if hp.chunk_size is None:
-            logits = self(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+            logits = self(batch["input_ids"], batch.get("attention_mask"), position_ids)  # (B, T, V)
             stats = token_statistics(
                 logits, batch["labels"], top_k=hp.top_k, compute_full_entropy=full, compute_grad_norm=grad_norm, reference=reference
             )
@@ -342,7 +351,7 @@ class EAFTModule(pl.LightningModule):
             return stats, weights, total
         backbone = self.model.get_decoder()
         hidden = backbone(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, H): the LM head never sees the whole sequence
         head = self.model.get_output_embeddings()
         return chunked_token_statistics(

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eaft_pl.data.packing import sequence_ids, sequence_spans
 from eaft_pl.fileio import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, TokenStats, token_statistics
 
@@ -63,11 +64,15 @@ KLDirection = Literal["policy_ref", "ref_policy"]
 
 def example_key(input_ids: Sequence[int], labels: Sequence[int]) -> str:
     """A stable id of an example: a hash of its token ids and labels (not of its position in a file,
-    so shuffling, batching and padding do not change it)."""
+    so shuffling, batching, padding and packing do not change it).
+
+    The first label is hashed as -100 whatever it is: it is never a target (labels are shifted by
+    one), and a packed row sets it to -100 (:mod:`eaft_pl.data.packing`).
+    """
     h = hashlib.sha1()
     h.update(torch.tensor(list(input_ids), dtype=torch.int64).numpy().tobytes())
     h.update(b"|")
-    h.update(torch.tensor(list(labels), dtype=torch.int64).numpy().tobytes())
+    h.update(torch.tensor([IGNORE_INDEX, *list(labels)[1:]] if len(labels) else [], dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -142,29 +147,35 @@ class ReferenceTable:
 
     def batch_reference(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``name -> (B, T)`` tensors aligned with ``batch["labels"]`` (NaN where not supervised), for
-        :func:`eaft_pl.losses.token_statistics`' ``reference`` argument."""
+        :func:`eaft_pl.losses.token_statistics`' ``reference`` argument.
+
+        A row is one example up to its attention mask, or, in a packed batch (``position_ids`` and no
+        mask), one example per sequence; a sequence without a supervised token (the padding) needs no
+        entry.
+        """
         ids, labels = batch["input_ids"], batch["labels"]
-        mask = batch.get("attention_mask")
-        lengths = mask.sum(1).tolist() if mask is not None else [labels.shape[1]] * labels.shape[0]
         ids_rows, label_rows = ids.tolist(), labels.tolist()
         out = {name: torch.full(labels.shape, float("nan")) for name in REFERENCE_FIELDS}
         out["sample_ce_median"] = torch.full(labels.shape, float("nan"))
         median = self.median_sample_ce if self.train_keys else float("nan")
-        for b, n in enumerate(lengths):
-            key = example_key(ids_rows[b][:n], label_rows[b][:n])
-            entry = self.entries.get(key)
-            if entry is None:
-                raise KeyError(
-                    f"example {b} of the batch is not in the reference table (it holds the DataModule's splits at "
-                    "the start of training); data seen later, e.g. by predict on another file, needs "
-                    "model.init_args.reference_source: frozen"
-                )
-            positions = [t for t in range(1, n) if label_rows[b][t] != IGNORE_INDEX]
-            pos = torch.tensor(positions, dtype=torch.long)
-            out["topk_entropy"][b, pos] = entry["topk_entropy"]
-            out["label_prob"][b, pos] = entry["label_prob"]
-            out["sample_ce"][b, pos] = float(entry["sample_ce"])
-            out["sample_ce_median"][b, pos] = median
+        for b, spans in enumerate(_example_spans(batch)):
+            for s, e in spans:
+                positions = [t for t in range(s + 1, e) if label_rows[b][t] != IGNORE_INDEX]
+                if not positions:
+                    continue
+                entry = self.entries.get(example_key(ids_rows[b][s:e], label_rows[b][s:e]))
+                if entry is None:
+                    where = f"the example at tokens {s}:{e} of row {b}" if len(spans) > 1 else f"example {b}"
+                    raise KeyError(
+                        f"{where} of the batch is not in the reference table (it holds the DataModule's splits at "
+                        "the start of training); data seen later, e.g. by predict on another file, needs "
+                        "model.init_args.reference_source: frozen"
+                    )
+                pos = torch.tensor(positions, dtype=torch.long)
+                out["topk_entropy"][b, pos] = entry["topk_entropy"]
+                out["label_prob"][b, pos] = entry["label_prob"]
+                out["sample_ce"][b, pos] = float(entry["sample_ce"])
+                out["sample_ce_median"][b, pos] = median
         return {name: value.to(labels.device) for name, value in out.items()}
 
     def state(self) -> Dict[str, Any]:
@@ -173,6 +184,17 @@ class ReferenceTable:
     @classmethod
     def from_state(cls, state: Dict[str, Any]) -> "ReferenceTable":
         return cls(top_k=int(state["top_k"]), entries=state["entries"], train_keys=list(state["train_keys"]))
+
+
+def _example_spans(batch: Dict[str, Tensor]) -> List[List[Tuple[int, int]]]:
+    """``[start, end)`` of every example of every row: the packed sequences when the batch has
+    ``position_ids`` and no ``attention_mask``, else one per row, up to its attention mask."""
+    labels = batch["labels"]
+    mask = batch.get("attention_mask")
+    if mask is None and "position_ids" in batch:
+        return sequence_spans(batch["position_ids"])
+    lengths = mask.sum(1).tolist() if mask is not None else [labels.shape[1]] * labels.shape[0]
+    return [[(0, n)] for n in lengths]
 
 
 def _per_row(stats: TokenStats, labels: Tensor) -> List[Tuple[Tensor, Tensor, Tensor]]:
@@ -270,20 +292,27 @@ def frozen_reference(ref_model: torch.nn.Module, batch: Dict[str, Tensor], top_k
     """Run the frozen reference on a batch: its statistics as ``name -> (B, T)`` aligned with the
     labels (as :meth:`ReferenceTable.batch_reference` returns them) and its logits ``(B, T, V)``.
 
-    ``sample_ce`` is each row's mean CE; ``sample_ce_median`` is not available from one batch (FLOW's
-    median needs the whole training set) and is left out.
+    ``sample_ce`` is each example's mean CE (each row's, or each sequence's in a packed batch with
+    ``position_ids``); ``sample_ce_median`` is not available from one batch (FLOW's median needs the
+    whole training set) and is left out.
     """
     labels = batch["labels"]
+    position_ids = batch.get("position_ids")
     with torch.no_grad():
-        logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        logits = ref_model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=position_ids, use_cache=False
+        ).logits
         stats = token_statistics(logits, labels, top_k=top_k)
         shift = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         index = torch.nonzero(shift != IGNORE_INDEX).squeeze(1) + 1  # the label positions of the N tokens
-        rows = index // labels.shape[1]
+        packed = position_ids is not None and batch.get("attention_mask") is None
+        example = sequence_ids(position_ids.expand(labels.shape)).reshape(-1) if packed else None
+        owner = example[index] if example is not None else index // labels.shape[1]  # (N,) example of each token
+        groups = labels.numel() if example is not None else labels.shape[0]
         ce = stats.ce.detach()
-        sums = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, rows, ce)
-        counts = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, rows, torch.ones_like(ce))
-        values = {"topk_entropy": stats.topk_entropy, "label_prob": stats.label_prob, "sample_ce": (sums / counts.clamp(min=1))[rows]}
+        sums = torch.zeros(groups, device=ce.device).index_add_(0, owner, ce)
+        counts = torch.zeros(groups, device=ce.device).index_add_(0, owner, torch.ones_like(ce))
+        values = {"topk_entropy": stats.topk_entropy, "label_prob": stats.label_prob, "sample_ce": (sums / counts.clamp(min=1))[owner]}
         out = {}
         for name, value in values.items():
             flat = torch.full((labels.numel(),), float("nan"), device=labels.device)

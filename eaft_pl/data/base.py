@@ -19,6 +19,7 @@ from eaft_pl.data.chat import (
     encode_conversation,
     pad_token_id,
 )
+from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
 from eaft_pl.hub import load_tokenizer
 
 __all__ = ["ChatDataModule"]
@@ -29,7 +30,8 @@ class ChatDataModule(pl.LightningDataModule):
 
     A subclass implements :meth:`load_conversations` (and, for several validation sets,
     :attr:`val_names`); everything else is shared. Batches hold ``input_ids``, ``attention_mask``
-    and ``labels`` (-100 outside assistant turns).
+    and ``labels`` (-100 outside assistant turns); packed training batches (``packing: true``) hold
+    ``position_ids`` instead of ``attention_mask`` (:mod:`eaft_pl.data.packing`).
 
     Examples that lose every supervised token to truncation are dropped, counted and reported in
     :attr:`summary` (logged to MLflow as ``data_summary.json``), never trained on silently.
@@ -44,6 +46,11 @@ class ChatDataModule(pl.LightningDataModule):
             tokenizer has none).
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (8 helps tensor cores).
         trust_remote_code: Allow the tokenizer's own Python code from its folder/hub repo to run.
+        packing: Pack several training conversations into each row of up to ``max_length`` tokens
+            (best-fit decreasing, :mod:`eaft_pl.data.packing`), with position ids that restart per
+            conversation so that none attends to another: the loss, its statistics and gradients
+            are those of the unpacked data, with far less padding. ``batch_size`` then counts rows.
+            Validation and test batches are not packed. Off by default.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class ChatDataModule(pl.LightningDataModule):
         chat_template: Optional[str] = None,
         pad_to_multiple_of: Optional[int] = None,
         trust_remote_code: bool = False,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):
@@ -71,8 +79,13 @@ class ChatDataModule(pl.LightningDataModule):
         self.chat_template = chat_template
         self.pad_to_multiple_of = pad_to_multiple_of
         self.trust_remote_code = trust_remote_code
+        self.packing = packing
         self.tokenizer: Any = None
+        #: The encoded examples of every split, never packed (the reference pass, the cohort callback
+        #: and ``analyze`` read them one conversation at a time).
         self.datasets: Dict[str, List[EncodedExample]] = {}
+        #: The training rows when ``packing`` is on: lists of examples of at most ``max_length`` tokens.
+        self.packed_train: List[List[EncodedExample]] = []
         self.summary: Dict[str, Dict[str, Any]] = {}
 
     # ---- what a subclass supplies ------------------------------------------------------------------
@@ -164,14 +177,28 @@ class ChatDataModule(pl.LightningDataModule):
                     raise DataError(f"{type(self).__name__} has no {split} data, which `{stage}` needs")
                 continue
             self.datasets[split] = self.encode_split(split, conversations)
+        if self.packing and "train" in self.datasets and not self.packed_train:
+            self.packed_train = self._pack(self.datasets["train"])
+
+    def _pack(self, examples: List[EncodedExample]) -> List[List[EncodedExample]]:
+        rows = pack_examples(examples, self.max_length)
+        stats = packing_stats(rows, self.max_length)
+        self.summary.setdefault("train", {})["packing"] = stats.as_dict()
+        rank_zero_info(
+            f"train: packed {stats.examples} examples into {stats.rows} rows of at most {self.max_length} tokens "
+            f"(fill ratio {stats.fill_ratio:.1%})"
+        )
+        return rows
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        packed = self.packing and split == "train"
+        collate_fn = collate_packed if packed else collate
         return DataLoader(
-            self.datasets[split],
+            self.packed_train if packed else self.datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=partial(collate, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of),
+            collate_fn=partial(collate_fn, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of),
         )
 
     def train_dataloader(self) -> DataLoader:

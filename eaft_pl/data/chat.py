@@ -28,6 +28,7 @@ __all__ = [
     "assistant_char_spans",
     "encode_conversation",
     "collate",
+    "padded_batch",
     "pad_token_id",
 ]
 
@@ -232,6 +233,16 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def padded_batch(lengths: Sequence[int], pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Empty ``(B, T)`` input ids (all ``pad_token_id``) and labels (all -100) for rows of ``lengths``
+    tokens: T is the longest, rounded up to a multiple of ``pad_to_multiple_of``."""
+    length = max(lengths)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(lengths), length)
+    return torch.full(shape, pad_token_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+
+
 def collate(
     examples: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_of: Optional[int] = None
 ) -> Dict[str, Tensor]:
@@ -239,13 +250,8 @@ def collate(
 
     Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` long tensors.
     """
-    length = max(len(e.input_ids) for e in examples)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    batch = len(examples)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    input_ids, labels = padded_batch([len(e.input_ids) for e in examples], pad_token_id, pad_to_multiple_of)
+    attention_mask = torch.zeros_like(input_ids)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)

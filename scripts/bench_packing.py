@@ -1,0 +1,155 @@
+"""Training throughput with and without sequence packing, side by side on the same data.
+
+A small Llama (random weights) is trained with ``EAFTModule.token_stats`` (the training step's loss,
+EAFT gate by default), ``loss = sum(w * CE) / tokens``, backward and ``AdamW.step`` over one epoch of
+the same conversations, once as padded batches of ``--batch-size`` conversations (``packing: false``)
+and once as batches of ``--batch-size`` packed rows of up to ``--max-length`` tokens (``packing:
+true``, :mod:`eaft_pl.data.packing`). The conversations are synthetic token sequences whose lengths
+are drawn log-uniformly between ``--min-length`` and ``--max-length`` (long-tailed: most are short,
+a few are long, as in chat SFT data); about the first third of each is an unsupervised prompt.
+
+Both variants start from the same weights and optimizer state each round and see the conversations
+in the same order (the packed rows in the order they are built). The variants alternate within each
+round (A B, then B A) so that a slow spell of the shared machine hits both; the ratio is taken per
+round and its median reported. Absolute times on a shared machine mean little; the ratio does.
+
+Usage::
+
+    python scripts/bench_packing.py                 # hidden 256, 4 layers, vocab 2048, 64 conversations
+    python scripts/bench_packing.py --rounds 5 --examples 128
+
+Prints one JSON line per (round, variant) and a ``summary`` line: supervised tokens per second,
+optimizer steps per second, the padding share of each variant and the packed/unpacked ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+from eaft_pl.data.chat import EncodedExample, collate
+from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
+from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.module import EAFTModule
+from eaft_pl.tiny import build_char_tokenizer
+
+
+def synthetic_examples(n: int, min_length: int, max_length: int, vocab: int, seed: int) -> List[EncodedExample]:
+    """``n`` conversations with log-uniform lengths; the first third of each is an unsupervised prompt."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(round(math.exp(rng.uniform(math.log(min_length), math.log(max_length)))))
+        ids = [rng.randrange(4, vocab) for _ in range(length)]
+        prompt = max(1, length // 3)
+        out.append(EncodedExample(ids, [-100] * prompt + ids[prompt:]))
+    return out
+
+
+def batches(examples: List[EncodedExample], packed: bool, batch_size: int, max_length: int) -> List[Dict[str, torch.Tensor]]:
+    if packed:
+        rows = pack_examples(examples, max_length)
+        return [collate_packed(rows[i : i + batch_size], pad_token_id=0) for i in range(0, len(rows), batch_size)]
+    return [collate(examples[i : i + batch_size], pad_token_id=0) for i in range(0, len(examples), batch_size)]
+
+
+def run_epoch(module: EAFTModule, initial: Dict[str, torch.Tensor], data: List[Dict[str, torch.Tensor]], lr: float) -> Dict[str, float]:
+    """Train one epoch from ``initial`` weights; return its wall time, steps and token counts."""
+    module.model.load_state_dict(initial)
+    optimizer = torch.optim.AdamW(module.model.parameters(), lr=lr)
+    supervised = 0
+    start = time.perf_counter()
+    for batch in data:
+        stats, _, total = module.token_stats(batch)
+        loss = total / max(stats.num_tokens, 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        supervised += stats.num_tokens
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": round(seconds, 3),
+        "steps": len(data),
+        "supervised_tokens": supervised,
+        "slots": sum(b["input_ids"].numel() for b in data),  # token positions computed, padding included
+        "tokens_per_s": round(supervised / seconds, 1),
+        "steps_per_s": round(len(data) / seconds, 4),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--examples", type=int, default=64)
+    p.add_argument("--min-length", type=int, default=20)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="conversations (unpacked) or rows (packed) per step")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gate", choices=["eaft", "sft"], default="eaft")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.hidden * 8 // 3,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads,
+        "max_position_embeddings": args.max_length,
+        "vocab_size": args.vocab,
+        "attn_implementation": args.attn,
+    }
+    with tempfile.TemporaryDirectory() as tok_dir:
+        build_char_tokenizer().save_pretrained(tok_dir)
+        torch.manual_seed(args.seed)
+        module = EAFTModule(model_config=config, tokenizer_name_or_path=tok_dir, gate=EAFTGate() if args.gate == "eaft" else SFTGate())
+        module.configure_model()
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    examples = synthetic_examples(args.examples, args.min_length, args.max_length, args.vocab, args.seed)
+    packing = packing_stats(pack_examples(examples, args.max_length), args.max_length)
+    data = {variant: batches(examples, variant == "packed", args.batch_size, args.max_length) for variant in ("unpacked", "packed")}
+    print(json.dumps({"setup": {**vars(args), "threads": torch.get_num_threads(), "packing": packing.as_dict()}}), flush=True)
+
+    for variant in data:  # warm-up: one step of each (allocator, kernels), not timed
+        run_epoch(module, initial, data[variant][:1], lr=1e-4)
+    results: Dict[str, List[Dict[str, float]]] = {"unpacked": [], "packed": []}
+    for r in range(args.rounds):
+        for variant in (("unpacked", "packed") if r % 2 == 0 else ("packed", "unpacked")):
+            record = run_epoch(module, initial, data[variant], lr=1e-4)
+            results[variant].append(record)
+            print(json.dumps({"round": r, "variant": variant, **record}), flush=True)
+
+    def ratio(key: str) -> float:
+        return statistics.median(p[key] / u[key] for p, u in zip(results["packed"], results["unpacked"]))
+
+    summary = {
+        "median_ratio_tokens_per_s": round(ratio("tokens_per_s"), 3),
+        "median_ratio_steps_per_s": round(ratio("steps_per_s"), 3),
+        "epoch_time_ratio_unpacked_over_packed": round(1 / ratio("seconds"), 3),
+        "padding_share": {
+            v: round(1 - packing.tokens / results[v][0]["slots"], 4) for v in ("unpacked", "packed")
+        },
+        "steps_per_epoch": {v: results[v][0]["steps"] for v in ("unpacked", "packed")},
+        "median_tokens_per_s": {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in ("unpacked", "packed")},
+    }
+    print(json.dumps({"summary": summary}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
