@@ -378,6 +378,10 @@ class EAFTModule(pl.LightningModule):
             metric.set_dtype(dtype)
 
     def on_fit_start(self) -> None:
+        # ddp_spawn pickles the module into each rank, and torch.multiprocessing moves the metric's
+        # state tensors (made in __init__) to shared memory: every rank would add into one storage
+        # until the first reset, so the first step's train/* summed the ranks twice. Fresh states.
+        self.train_metrics.reset()
         self._keep_metric_precision()
 
     def on_validation_start(self) -> None:

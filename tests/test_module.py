@@ -9,10 +9,11 @@ from lightning.pytorch.loggers import Logger
 import torch
 
 from conftest import TINY_LLAMA
-from eaft_pl import ChatJsonlDataModule, EAFTModule
+from eaft_pl import EAFTModule
 from eaft_pl.hub import build_causal_lm
 from eaft_pl.losses import EAFTGate, SFTGate
 from eaft_pl.module import warmup_cosine
+from scale_fit import InOrderData
 
 # Four chats whose answers differ in length, so the two micro-batches of an accumulation window hold
 # very different numbers of supervised tokens (ab: short, cd: long).
@@ -22,13 +23,6 @@ RECORDS = [
     {"prompt": "c", "response": "a much longer answer than the others"},
     {"prompt": "d", "response": "and another long answer, longer still"},
 ]
-
-
-class InOrderData(ChatJsonlDataModule):
-    """No shuffling, so runs with different micro-batch sizes see the same examples in the same order."""
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=False)
 
 
 class CaptureGrads(EAFTModule):
