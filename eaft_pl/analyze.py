@@ -289,9 +289,10 @@ class EAFTTrainer(Trainer):
     def export(
         self, model: Any, ckpt_path: str, output_dir: str, datamodule: Any = None, save_adapter: bool = False
     ) -> Path:
-        """Write the model of a checkpoint as a Hugging Face folder (``save_pretrained`` + tokenizer),
-        loadable with ``AutoModelForCausalLM.from_pretrained`` without eaft-pl or peft: LoRA adapters
-        are merged into the base. Reads the same configs as ``fit``.
+        """Write a checkpoint's model and tokenizer as a Hugging Face folder (LoRA merged in).
+
+        ``AutoModelForCausalLM.from_pretrained`` loads the folder without eaft-pl or peft. Reads the
+        same configs as ``fit``.
 
         Args:
             model: The EAFTModule of the config (its model is built here, on the CPU).
