@@ -171,7 +171,8 @@ def test_the_cached_reference_is_the_base_shared_with_full_fine_tuning(base_dir,
 
 def test_the_lm_head_with_the_chunked_loss_is_refused(base_dir):
     module = lora_module(base_dir, chunk_size=8, lora={"target_modules": ["q_proj", "lm_head"]})
-    with pytest.raises(ValueError, match=r"model.init_args.chunk_size .* peft\..*Linear \(lm_head in model.init_args.lora.target_modules"):
+    refused = r"model.init_args.chunk_size .* peft\..*Linear \(lm_head in model.init_args.lora.target_modules"
+    with pytest.raises(ValueError, match=refused):
         module.configure_model()
     module = lora_module(base_dir, chunk_size=8, lora={"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})
     with pytest.raises(ValueError, match="ModulesToSaveWrapper"):
@@ -261,7 +262,9 @@ def load_without_peft(path, monkeypatch):
         return AutoModelForCausalLM.from_pretrained(path)
 
 
-def test_the_export_callback_writes_a_merged_folder_that_loads_without_peft(base_dir, train_file, tmp_path, batch, monkeypatch):
+def test_the_export_callback_writes_a_merged_folder_that_loads_without_peft(
+    base_dir, train_file, tmp_path, batch, monkeypatch
+):
     module = lora_module(base_dir, learning_rate=1e-2, lora={"dropout": 0.1})
     out = tmp_path / "hf"
     fit(module, base_dir, train_file, tmp_path, steps=2, callbacks=[SaveHFModel(str(out), save_adapter=True)])
@@ -291,7 +294,10 @@ def write_config(tmp_path, base_dir, train_file, lora):
         model["lora"] = LORA
     config = {
         "model": {"class_path": "eaft_pl.module.EAFTModule", "init_args": model},
-        "data": {"class_path": "eaft_pl.data.ChatJsonlDataModule", "init_args": {"train_file": train_file, "tokenizer_name_or_path": base_dir}},
+        "data": {
+            "class_path": "eaft_pl.data.ChatJsonlDataModule",
+            "init_args": {"train_file": train_file, "tokenizer_name_or_path": base_dir},
+        },
         "trainer": {"logger": False},
     }
     path = tmp_path / "config.yaml"
@@ -301,12 +307,16 @@ def write_config(tmp_path, base_dir, train_file, lora):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_export_from_a_checkpoint_gives_the_trained_model(base_dir, train_file, tmp_path, batch, monkeypatch, lora):
-    module = lora_module(base_dir, learning_rate=1e-2) if lora else EAFTModule(model_name_or_path=base_dir, learning_rate=1e-2)
+    if lora:
+        module = lora_module(base_dir, learning_rate=1e-2)
+    else:
+        module = EAFTModule(model_name_or_path=base_dir, learning_rate=1e-2)
     fit(module, base_dir, train_file, tmp_path, steps=2)
     out = tmp_path / "export"
     config = write_config(tmp_path, base_dir, train_file, lora)
     cli_main(["export", "--config", config, f"--ckpt_path={tmp_path / 'last.ckpt'}", f"--output_dir={out}"])
-    torch.testing.assert_close(logits_of(load_without_peft(out, monkeypatch), batch), logits_of(module.model, batch), rtol=1e-5, atol=1e-5)
+    exported = load_without_peft(out, monkeypatch)
+    torch.testing.assert_close(logits_of(exported, batch), logits_of(module.model, batch), rtol=1e-5, atol=1e-5)
     assert (out / "tokenizer.json").is_file()
 
 
