@@ -283,8 +283,31 @@ def _cell(text: str, width: int = 60) -> str:
 
 
 class EAFTTrainer(Trainer):
-    """Lightning's ``Trainer`` plus the ``analyze`` subcommand of ``eaft-pl`` (everything else is
-    unchanged: ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's)."""
+    """Lightning's ``Trainer`` plus the ``analyze`` and ``export`` subcommands of ``eaft-pl``
+    (everything else is unchanged: ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's)."""
+
+    def export(
+        self, model: Any, ckpt_path: str, output_dir: str, datamodule: Any = None, save_adapter: bool = False
+    ) -> Path:
+        """Write a checkpoint's model and tokenizer as a Hugging Face folder (LoRA merged in).
+
+        ``AutoModelForCausalLM.from_pretrained`` loads the folder without eaft-pl or peft. Reads the
+        same configs as ``fit``.
+
+        Args:
+            model: The EAFTModule of the config (its model is built here, on the CPU).
+            ckpt_path: A checkpoint of a run with this config (``last.ckpt``); LoRA checkpoints hold
+                the adapters only and the base comes from ``model.init_args.model_name_or_path``.
+            output_dir: Folder to write (replaced if it exists; complete or absent).
+            datamodule: Unused (the configs name one).
+            save_adapter: With LoRA, also write the adapters alone under ``<output_dir>/adapter``.
+        """
+        from eaft_pl.export import export_hf_folder, load_module_checkpoint
+
+        load_module_checkpoint(model, ckpt_path)
+        path = export_hf_folder(model, output_dir, save_adapter=save_adapter)
+        print(f"wrote {path}")
+        return path
 
     def analyze(
         self,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from eaft_pl.export import export_hf_folder
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["TokenStatsWriter", "SaveHFModel"]
@@ -77,24 +77,24 @@ class TokenStatsWriter(BasePredictionWriter):
 
 class SaveHFModel(pl.Callback):
     """At the end of training, writes the model and its tokenizer as a Hugging Face folder
-    (``save_pretrained``), loadable with ``model_name_or_path``. The folder is written under a
-    temporary name and renamed, so it is complete or absent, and replaced if it exists.
+    (``save_pretrained``) that ``AutoModelForCausalLM.from_pretrained`` (or ``model_name_or_path``)
+    loads. A LoRA model is written with its adapters merged into the base weights, so the folder needs
+    no peft; the training model is left as it is. The folder is written under a temporary name and
+    renamed, so it is complete or absent, and replaced if it exists. Rank zero writes it.
 
     Args:
         dirpath: Folder to write.
+        save_adapter: With LoRA, also write the adapters alone (PEFT's format) under
+            ``<dirpath>/adapter``.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(self, dirpath: str, save_adapter: bool = False) -> None:
         self.dirpath = dirpath
+        self.save_adapter = save_adapter
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        tmp = self.dirpath.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.model.save_pretrained(tmp)
-        pl_module.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(self.dirpath, ignore_errors=True)
-        os.replace(tmp, self.dirpath)
+        export_hf_folder(pl_module, self.dirpath, save_adapter=self.save_adapter)
         for logger in mlflow_loggers(trainer):
             logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(self.dirpath))

@@ -1,4 +1,4 @@
-"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze, plus
+"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze / export, plus
 ``eaft-pl compare`` (an MLflow experiment's runs as the paper's Table 1 and a Pareto plot).
 
 Only the CLI lives here: library classes in the module run as ``__main__`` would fail
@@ -28,12 +28,13 @@ __all__ = ["EAFTLightningCLI", "cli_main", "main"]
 
 class EAFTLightningCLI(LightningCLI):
     """LightningCLI whose model and data are any subclass of :class:`EAFTModule` and
-    :class:`ChatDataModule`, selected by ``class_path``. ``analyze`` runs
-    :meth:`eaft_pl.analyze.EAFTTrainer.analyze` on the same configs as ``fit``."""
+    :class:`ChatDataModule`, selected by ``class_path``. ``analyze`` and ``export`` run
+    :meth:`eaft_pl.analyze.EAFTTrainer.analyze` and :meth:`~eaft_pl.analyze.EAFTTrainer.export` on
+    the same configs as ``fit``."""
 
     @staticmethod
     def subcommands() -> Dict[str, Set[str]]:
-        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One tokenizer for data and model: the model needs it for the vocabulary size and pad id.

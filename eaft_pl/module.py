@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Set, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -12,12 +13,16 @@ from torch import Tensor, nn
 from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
 from eaft_pl.data.packing import check_packing_support
 from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
+from eaft_pl.lora import AdapterDisabled, LoRAOptions, apply_lora
 from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
 from eaft_pl.metrics import TokenStatsMetric
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.reference_gates import FLOWGate
 
-__all__ = ["EAFTModule", "warmup_cosine"]
+__all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
+
+#: Set in the checkpoints of LoRA runs that leave the frozen base out (its value: the base's path).
+ADAPTER_ONLY_KEY = "eaft_adapter_only_base"
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -93,6 +98,11 @@ class EAFTModule(pl.LightningModule):
             supervised tokens). Plain path only (refused with ``chunk_size``).
         reference_kl_direction: ``"policy_ref"``: KL(p_theta || p_ref); ``"ref_policy"``:
             KL(p_ref || p_theta) (see :func:`eaft_pl.reference.token_kl`).
+        lora: Train LoRA adapters (:class:`eaft_pl.lora.LoRAOptions`, needs ``pip install
+            'eaft-pl[lora]'``) instead of every weight: ``{r: 16, alpha: 32, dropout: 0.05,
+            target_modules: all-linear}``. The base model is the adapted one with its adapters off, so
+            ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
+            the adapters only (and their optimizer state); resuming reloads the base from there.
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class EAFTModule(pl.LightningModule):
         reference_cache_dir: Optional[str] = "outputs/reference_cache",
         reference_kl_coef: float = 0.0,
         reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
+        lora: Optional[LoRAOptions] = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
@@ -157,8 +168,17 @@ class EAFTModule(pl.LightningModule):
                 "model.init_args.reference_kl_coef needs the reference model's whole distribution on every batch; "
                 "set model.init_args.reference_source: frozen"
             )
+        if isinstance(lora, dict):  # from Python code or a checkpoint's hparams; the CLI builds the dataclass
+            lora = LoRAOptions(**lora)
+        if lora is not None and not isinstance(lora, LoRAOptions):
+            raise ValueError(f"model.init_args.lora must be a mapping of LoRAOptions fields or null, got {lora!r}")
+        lora_options, lora = lora, (dataclasses.asdict(lora) if lora is not None else None)
+        # hparams keep the plain mapping: checkpoints load with torch.load(weights_only=True), which
+        # refuses pickled classes.
         self.save_hyperparameters()
         self.gate: Gate = gate if gate is not None else EAFTGate()
+        #: The LoRA options (``hparams.lora`` is a plain mapping when the CLI builds the module).
+        self.lora: Optional[LoRAOptions] = lora_options
         if reference_source == "frozen" and isinstance(self.gate, FLOWGate) and self.gate.tau is None:
             raise ValueError(
                 "FLOWGate's tau defaults to the median base loss over the training set, which a frozen copy seen one "
@@ -201,6 +221,12 @@ class EAFTModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this more than once (fit then test)
             return
+        self.build_model()
+
+    def build_model(self, reference: bool = True) -> None:
+        """Load or build the tokenizer and the model, add the LoRA adapters (``lora``) and, with
+        ``reference``, prepare what the gate needs of the base model. ``eaft-pl export`` builds with
+        ``reference=False``: it only reads the weights."""
         hp = self.hparams
         tok_path = hp.tokenizer_name_or_path or hp.model_name_or_path
         if tok_path is None:
@@ -230,8 +256,61 @@ class EAFTModule(pl.LightningModule):
         # mode as it finds it: without this, dropout would be off during training.
         model.train()
         self.model = model
-        if self.needs_reference:
+        lora_frozen = self.lora is not None and hp.reference_source == "frozen"
+        if reference and self.needs_reference and not lora_frozen:
+            # Before the adapters: the cache is keyed by the base weights, shared with full fine-tuning.
             self._prepare_reference()
+        if self.lora is not None:
+            self._add_lora(reference and self.needs_reference and lora_frozen)
+
+    def _add_lora(self, frozen_reference: bool) -> None:
+        """Wrap the model with the adapters; the base model is the adapted one with its adapters off."""
+        self.model = apply_lora(self.model, self.lora)
+        self.model.train()
+        head = self.model.get_output_embeddings()
+        if self.hparams.chunk_size is not None and type(head) is not nn.Linear:
+            kind = f"{type(head).__module__}.{type(head).__name__}"
+            raise ValueError(
+                f"model.init_args.chunk_size reads the LM head's weight directly, but LoRA made it a {kind} (lm_head "
+                "in model.init_args.lora.target_modules or modules_to_save); leave the LM head out of both or unset chunk_size"
+            )
+        if frozen_reference:
+            self._frozen = [AdapterDisabled(self.model)]  # no copy: the same weights, adapters off
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def adapter_only_checkpoints(self) -> bool:
+        """LoRA on a base that ``model_name_or_path`` reloads: checkpoints leave the frozen base out.
+        (A ``model_config`` base has random weights that only the checkpoint could restore.)"""
+        return self.lora is not None and self.hparams.model_name_or_path is not None
+
+    def _frozen_base_keys(self) -> Set[str]:
+        """The state-dict keys of the frozen base weights (every model entry but the trainable ones)."""
+        trainable = {n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return {f"model.{k}" for k in self.model.state_dict() if k not in trainable}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if not self.adapter_only_checkpoints:
+            return
+        frozen = self._frozen_base_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint[ADAPTER_ONLY_KEY] = self.hparams.model_name_or_path
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if ADAPTER_ONLY_KEY not in checkpoint:
+            return
+        if not self.adapter_only_checkpoints:
+            raise ValueError(
+                f"this checkpoint holds only LoRA adapter weights for the base {checkpoint[ADAPTER_ONLY_KEY]!r}; "
+                "load it with the same model.init_args.model_name_or_path and model.init_args.lora as the run that wrote it"
+            )
+        # The base weights are already loaded from model_name_or_path: hand them back to themselves, so
+        # that strict loading still catches a missing or unexpected adapter key.
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        for key in self._frozen_base_keys() - state.keys():
+            state[key] = own[key]
 
     @property
     def needs_reference(self) -> bool:
