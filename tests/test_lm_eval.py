@@ -358,3 +358,39 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
     last = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/step_000003.json", str(tmp_path))).read_text())
     assert last["step"] == 3 and last["results"]["results"]["tiny_mc"]["acc,none"] == logged["val/tiny_mc/acc"][3]
     assert client.get_run(logger.run_id).data.tags["lm_eval_version"] == lm_eval.__version__
+
+
+class RankLog(LMEvalCallback):
+    """Writes, on every rank, the steps at which this rank ran lm-eval, those it logged, and the last."""
+
+    def run(self, model, tokenizer):
+        self.ran.append(self.trainer_step)
+        return super().run(model, tokenizer)
+
+    def _evaluate(self, trainer, pl_module):
+        self.trainer_step = trainer.global_step
+        super()._evaluate(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        self.ran = []
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        out = {"ran": self.ran, "steps": [r["step"] for r in self.history], "final": trainer.global_step}
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_zero_evaluates_and_the_other_rank_waits(tmp_path, tokenizer_dir, task_dir):
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gate=SFTGate())
+    callback = RankLog(tasks=["tiny_mc"], limit=2, include_path=str(task_dir), include_default_tasks=False)
+    callback.out_dir = str(tmp_path)  # an instance attribute travels to the spawned ranks
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=make_data(tmp_path, tokenizer_dir))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == {"ran": [0, 1], "steps": [0, 1], "final": 1}
+    assert ranks[1] == {"ran": [], "steps": [], "final": 1}  # it waited at the barriers and trained on
