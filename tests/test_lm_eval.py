@@ -84,6 +84,13 @@ metadata:
 """
 
 
+@pytest.fixture(autouse=True)
+def no_environment_report(monkeypatch):
+    """lm-eval appends torch's collect_env report (it runs pip and nvidia-smi) to every results dict:
+    seconds per evaluation on a busy machine, nothing to do with the scores. Tests skip it."""
+    monkeypatch.setattr("torch.utils.collect_env.get_pretty_env_info", lambda: "skipped in tests")
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -288,8 +295,7 @@ def reference_scores(model, tokenizer, task_dir, limit):
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = simple_evaluate(lm, tasks=["tiny_mc", "tiny_gen"], task_manager=tm, limit=limit, bootstrap_iters=0, apply_chat_template=True)
-    return out["results"]
+    return simple_evaluate(lm, tasks=["tiny_mc", "tiny_gen"], task_manager=tm, limit=limit, bootstrap_iters=0, apply_chat_template=True)
 
 
 @pytest.mark.filterwarnings("ignore:Found 1 module.*in eval mode")  # the norm, on purpose
@@ -300,7 +306,7 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
     module.model.model.norm.eval()  # a submodule kept in eval mode on purpose must stay so
     base_state = copy.deepcopy(module.model.state_dict())
     callback = LMEvalCallback(tasks=["tiny_mc", "tiny_gen"], limit=5, batch_size=4, every_n_steps=2, include_path=str(task_dir),
-                              include_default_tasks=False, apply_chat_template=True)  # fmt: skip
+                              include_default_tasks=False, apply_chat_template=True, log_samples=True)  # fmt: skip
     probe = ModeProbe()
     logger = MLFlowLogger(experiment_name="lmeval", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     torch.manual_seed(0)
@@ -335,9 +341,9 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
 
     # The same scores as lm-eval itself gives on the base weights and on the final weights.
     limit = 5
-    final = reference_scores(module.model, copy.deepcopy(module.tokenizer), task_dir, limit)
+    final_run = reference_scores(module.model, copy.deepcopy(module.tokenizer), task_dir, limit)
     module.model.load_state_dict(base_state)
-    base = reference_scores(module.model, copy.deepcopy(module.tokenizer), task_dir, limit)
+    base, final = reference_scores(module.model, copy.deepcopy(module.tokenizer), task_dir, limit)["results"], final_run["results"]
     for step, ref in ((0, base), (3, final)):
         for name, (task, key) in {"tiny_mc/acc": ("tiny_mc", "acc,none"), "tiny_mc/acc_norm": ("tiny_mc", "acc_norm,none"),
                                   "tiny_gen/exact_match_strict-match": ("tiny_gen", "exact_match,strict-match")}.items():  # fmt: skip
@@ -350,7 +356,7 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
 
     # The full results of each evaluation and a reproducibility record on the run.
     artifacts = {a.path for a in client.list_artifacts(logger.run_id, "lm_eval/general")}
-    assert artifacts == {"lm_eval/general/config.json", *(f"lm_eval/general/step_{s:06d}.json" for s in (0, 2, 3))}
+    assert artifacts == {"lm_eval/general/config.json", *(f"lm_eval/general/{kind}_{s:06d}.json" for s in (0, 2, 3) for kind in ("step", "samples_step"))}
     config = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/config.json", str(tmp_path))).read_text())
     assert config["versions"] == {"tiny_gen": 2.0, "tiny_mc": 1.0} and config["n-shot"] == {"tiny_gen": 0, "tiny_mc": 0}
     assert config["options"]["limit"] == 5 and config["packages"]["lm_eval"] == lm_eval.__version__
@@ -358,12 +364,19 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
     last = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/step_000003.json", str(tmp_path))).read_text())
     assert last["step"] == 3 and last["results"]["results"]["tiny_mc"]["acc,none"] == logged["val/tiny_mc/acc"][3]
     assert client.get_run(logger.run_id).data.tags["lm_eval_version"] == lm_eval.__version__
+    # log_samples: the very answers lm-eval generates on the final weights.
+    samples = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/samples_step_000003.json", str(tmp_path))).read_text())
+    answers = [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in samples["tiny_gen"]]
+    assert len(answers) == limit and answers == [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in final_run["samples"]["tiny_gen"]]
 
 
 class RankLog(LMEvalCallback):
     """Writes, on every rank, the steps at which this rank ran lm-eval, those it logged, and the last."""
 
     def run(self, model, tokenizer):
+        import torch.utils.collect_env
+
+        torch.utils.collect_env.get_pretty_env_info = lambda: "skipped in tests"  # in a spawned rank: no fixture here
         self.ran.append(self.trainer_step)
         return super().run(model, tokenizer)
 
