@@ -99,7 +99,8 @@ def write_jsonl(path, records):
 def task_dir(tmp_path_factory):
     """Two local lm-eval tasks: multiple choice by log-likelihood, and generation with exact match."""
     folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    write_jsonl(folder / "mc.jsonl", [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0} for a, b in SUMS])
+    choices = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b)], "label": 0} for a, b in SUMS]
+    write_jsonl(folder / "mc.jsonl", choices)
     write_jsonl(folder / "gen.jsonl", [{"question": f"{a}+{b}", "answer": str(a + b)} for a, b in SUMS])
     (folder / "mc.yaml").write_text(MC_YAML.format(folder=folder))
     (folder / "gen.yaml").write_text(GEN_YAML.format(folder=folder))
@@ -122,7 +123,10 @@ def test_metric_keys_become_mlflow_safe_names_without_stderr():
     assert safe_name("mmlu_abstract_algebra") == "mmlu_abstract_algebra" and safe_name("a/b:c") == "a_b_c"
     entry = {"alias": "gsm8k", "sample_len": 5, "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A",
              "exact_match,flexible-extract": 0.5, "acc_stderr,none": 0.1, "sample_count": {"acc,none": 4}}  # fmt: skip
-    assert task_scores(entry) == {"exact_match_strict-match": (0.25, "exact_match"), "exact_match_flexible-extract": (0.5, "exact_match")}
+    assert task_scores(entry) == {
+        "exact_match_strict-match": (0.25, "exact_match"),
+        "exact_match_flexible-extract": (0.5, "exact_match"),
+    }
 
 
 def test_primary_metric_prefers_acc_norm_then_acc_then_the_first():
@@ -223,7 +227,10 @@ def test_a_group_counts_once_and_the_evaluation_leaves_model_tokenizer_and_rng_a
     tokenizer.padding_side = "right"
     torch.manual_seed(0)
     model = build_causal_lm(TINY_LLAMA, tokenizer, None).train()
-    before = (model.device, model.dtype, model.config.use_cache, model.generation_config.to_dict(), tokenizer.padding_side, len(tokenizer))
+    def settings():
+        return model.device, model.dtype, model.config.use_cache, model.generation_config.to_dict(), tokenizer.padding_side, len(tokenizer)
+
+    before = settings()
     callback = LMEvalCallback(tasks=["tiny_group"], limit=3, include_path=str(task_dir), include_default_tasks=False, seed=7)
     callback._task_manager = lm_eval.tasks.TaskManager(include_path=str(task_dir), include_defaults=False)
 
@@ -236,7 +243,7 @@ def test_a_group_counts_once_and_the_evaluation_leaves_model_tokenizer_and_rng_a
     results = callback.run(model, tokenizer)
     assert draws() == expected  # lm-eval seeded the generators; training's random state is back
     assert all(m.training for m in model.modules())
-    assert (model.device, model.dtype, model.config.use_cache, model.generation_config.to_dict(), tokenizer.padding_side, len(tokenizer)) == before
+    assert settings() == before
     assert results["config"]["fewshot_seed"] == 7
 
     record = scores_record(results)
@@ -301,7 +308,8 @@ def reference_scores(model, tokenizer, task_dir, limit):
 @pytest.mark.filterwarnings("ignore:Found 1 module.*in eval mode")  # the norm, on purpose
 def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(tmp_path, tokenizer_dir, task_dir):
     pl.seed_everything(0)
-    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gate=SFTGate(), learning_rate=3e-2, warmup_ratio=0.0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), gate=SFTGate(),
+                        learning_rate=3e-2, warmup_ratio=0.0)  # fmt: skip
     module.configure_model()
     module.model.model.norm.eval()  # a submodule kept in eval mode on purpose must stay so
     base_state = copy.deepcopy(module.model.state_dict())
@@ -337,7 +345,8 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
                 assert history[0][1] == 0.0  # no forgetting against itself
     metrics = client.get_run(logger.run_id).data.metrics
     assert not [k for k in metrics if "stderr" in k]
-    assert {k for k in metrics if k.startswith(("val/general", "forgetting/general"))} == {f"{p}/general/{n}" for p in ("val", "forgetting") for n in [*names, "avg"]}
+    expected = {f"{p}/general/{n}" for p in ("val", "forgetting") for n in [*names, "avg"]}
+    assert {k for k in metrics if k.startswith(("val/general", "forgetting/general"))} == expected
 
     # The same scores as lm-eval itself gives on the base weights and on the final weights.
     limit = 5
@@ -356,18 +365,25 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
 
     # The full results of each evaluation and a reproducibility record on the run.
     artifacts = {a.path for a in client.list_artifacts(logger.run_id, "lm_eval/general")}
-    assert artifacts == {"lm_eval/general/config.json", *(f"lm_eval/general/{kind}_{s:06d}.json" for s in (0, 2, 3) for kind in ("step", "samples_step"))}
-    config = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/config.json", str(tmp_path))).read_text())
+    per_step = [f"lm_eval/general/{kind}_{s:06d}.json" for s in (0, 2, 3) for kind in ("step", "samples_step")]
+    assert artifacts == {"lm_eval/general/config.json", *per_step}
+
+    def artifact(name):
+        return json.loads(Path(client.download_artifacts(logger.run_id, f"lm_eval/general/{name}", str(tmp_path))).read_text())
+
+    config = artifact("config.json")
     assert config["versions"] == {"tiny_gen": 2.0, "tiny_mc": 1.0} and config["n-shot"] == {"tiny_gen": 0, "tiny_mc": 0}
     assert config["options"]["limit"] == 5 and config["packages"]["lm_eval"] == lm_eval.__version__
     assert config["primary"] == {"tiny_mc": "acc_norm", "tiny_gen": "exact_match_strict-match"}
-    last = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/step_000003.json", str(tmp_path))).read_text())
+    last = artifact("step_000003.json")
     assert last["step"] == 3 and last["results"]["results"]["tiny_mc"]["acc,none"] == logged["val/tiny_mc/acc"][3]
     assert client.get_run(logger.run_id).data.tags["lm_eval_version"] == lm_eval.__version__
     # log_samples: the very answers lm-eval generates on the final weights.
-    samples = json.loads(Path(client.download_artifacts(logger.run_id, "lm_eval/general/samples_step_000003.json", str(tmp_path))).read_text())
-    answers = [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in samples["tiny_gen"]]
-    assert len(answers) == limit and answers == [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in final_run["samples"]["tiny_gen"]]
+    def answers(samples):
+        return [(s["doc_id"], s["resps"], s["filtered_resps"]) for s in samples["tiny_gen"]]
+
+    logged_answers = answers(artifact("samples_step_000003.json"))
+    assert len(logged_answers) == limit and logged_answers == answers(final_run["samples"])
 
 
 class RankLog(LMEvalCallback):

@@ -59,7 +59,10 @@ def scores_record(results: Dict[str, Any]) -> Dict[str, Any]:
         if parsed:
             scores[safe_name(task)] = {name: value for name, (value, _) in parsed.items()}
             lower[safe_name(task)] = {name: lower_is_better(results, task, lm) for name, (_, lm) in parsed.items()}
-    primary = {name: {"metric": m, "value": v, "lower_is_better": low} for name, (m, v, low) in primary_scores(results).items()}
+    primary = {
+        name: {"metric": metric, "value": value, "lower_is_better": low}
+        for name, (metric, value, low) in primary_scores(results).items()
+    }
     averaged = [p["value"] for p in primary.values() if not p["lower_is_better"]]
     return {
         "scores": scores,
