@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.evaluation import LMEvalCallback, forgetting
+from eaft_pl.evaluation import ForgettingCallback, LMEvalCallback, forgetting
 from eaft_pl.evaluation.harness import scores_record
 from eaft_pl.evaluation.harness_results import (
     lower_is_better,
@@ -188,11 +188,13 @@ def test_bad_options_name_the_key(tmp_path, task_dir):
         LMEvalCallback(tasks=["tiny_mc"], limit=0)
     with pytest.raises(ValueError, match="hflm_kwargs.*batch_size"):
         LMEvalCallback(tasks=["tiny_mc"], hflm_kwargs={"batch_size": 2})
-    callback = LMEvalCallback(tasks=["tiny_mc"], include_path=str(task_dir))
-    for strategy in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
-        fake = SimpleNamespace(strategy=type(strategy, (), {})(), global_step=0)
-        with pytest.raises(ValueError, match=f"LMEvalCallback .*cannot run under {strategy}.*sharded"):
-            callback._check_base_run(fake)
+    # Both rank-zero evaluators share the refusal of sharded models (PeriodicEvaluation._check_base_run).
+    for callback in (LMEvalCallback(tasks=["tiny_mc"], include_path=str(task_dir)), ForgettingCallback()):
+        name = type(callback).__name__
+        for strategy in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
+            fake = SimpleNamespace(strategy=type(strategy, (), {})(), global_step=0)
+            with pytest.raises(ValueError, match=f"{name} .*cannot run under {strategy}.*sharded"):
+                callback.on_train_start(fake, None)
 
 
 def test_unknown_task_stops_training_before_it_starts(tmp_path, tokenizer_dir, task_dir):
