@@ -234,7 +234,6 @@ def test_a_group_counts_once_and_the_evaluation_leaves_model_tokenizer_and_rng_a
 
     before = settings()
     callback = LMEvalCallback(tasks=["tiny_group"], limit=3, include_path=str(task_dir), include_default_tasks=False, seed=7)
-    callback._task_manager = lm_eval.tasks.TaskManager(include_path=str(task_dir), include_defaults=False)
 
     def draws():
         return random.random(), float(np.random.rand()), float(torch.rand(1))

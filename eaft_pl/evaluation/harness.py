@@ -200,6 +200,14 @@ class LMEvalCallback(PeriodicEvaluation):
                  "seed", "hflm_kwargs"]  # fmt: skip
         return {name: getattr(self, name) for name in names}
 
+    def task_manager(self) -> Any:
+        """lm-eval's task index over ``include_path`` (and the built-in tasks unless
+        ``include_default_tasks`` is false), built once: indexing the built-in tasks takes seconds."""
+        if self._task_manager is None:
+            _, _, TaskManager = import_harness()
+            self._task_manager = TaskManager(include_path=self.include_path, include_defaults=self.include_default_tasks)
+        return self._task_manager
+
     def _seeds(self) -> Dict[str, int]:
         if self.seed is None:
             return {}
@@ -209,6 +217,7 @@ class LMEvalCallback(PeriodicEvaluation):
         """lm-eval's results dict for ``model`` as it is now; the model keeps its modes, the tokenizer
         and the global random state are left as they were."""
         simple_evaluate, HFLM, _ = import_harness()
+        task_manager = self.task_manager()
         with kept_modes(model), isolate_rng(), torch.no_grad():
             # HFLM sets the tokenizer's padding side per batch and may add a pad token: give it a copy.
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
@@ -223,7 +232,7 @@ class LMEvalCallback(PeriodicEvaluation):
                 apply_chat_template=self.apply_chat_template,
                 fewshot_as_multiturn=self.fewshot_as_multiturn and self.apply_chat_template,
                 gen_kwargs=self.gen_kwargs,
-                task_manager=self._task_manager,
+                task_manager=task_manager,
                 **self._seeds(),
             )
 
@@ -301,11 +310,9 @@ class LMEvalCallback(PeriodicEvaluation):
                     f"LMEvalCallback scores pl_module.{attribute} (a Hugging Face model and its tokenizer, as "
                     f"EAFTModule holds them); {type(pl_module).__name__} has none"
                 )
-        _, _, TaskManager = import_harness()
-        # Built once: indexing lm-eval's built-in tasks takes seconds. Every rank checks the names, so
-        # a typo stops all of them instead of leaving the others at the barrier.
-        self._task_manager = TaskManager(include_path=self.include_path, include_defaults=self.include_default_tasks)
-        unknown = [name for name in self.tasks if name not in self._task_manager.all_tasks]
+        # Every rank checks the names, so a typo stops all of them instead of leaving the others at the barrier.
+        known = set(self.task_manager().all_tasks)
+        unknown = [name for name in self.tasks if name not in known]
         if unknown:
             where = f"include_path={self.include_path!r}, include_default_tasks={self.include_default_tasks}"
             raise ValueError(f"LMEvalCallback tasks: lm-eval knows no task, group or tag {unknown} ({where})")
