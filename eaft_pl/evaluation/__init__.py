@@ -1,6 +1,7 @@
-"""Evaluation: benchmark-style tasks and the forgetting callback."""
+"""Evaluation: benchmark-style tasks, the forgetting callback and lm-evaluation-harness benchmarks."""
 
 from eaft_pl.evaluation.forgetting import ForgettingCallback, forgetting, suite_averages
+from eaft_pl.evaluation.harness import LMEvalCallback
 from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
 
-__all__ = ["ForgettingCallback", "GenerationTask", "MultipleChoiceTask", "PerplexityTask", "forgetting", "suite_averages"]
+__all__ = ["ForgettingCallback", "GenerationTask", "LMEvalCallback", "MultipleChoiceTask", "PerplexityTask", "forgetting", "suite_averages"]

@@ -7,7 +7,6 @@ from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
@@ -29,9 +28,12 @@ def suite_averages(scores: Scores) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def forgetting(base: float, current: float, metric: str) -> float:
-    """How much worse ``current`` is than ``base``: positive = forgot (the sign flips for ce/ppl)."""
-    return current - base if metric in LOWER_IS_BETTER else base - current
+def forgetting(base: float, current: float, metric: str, lower_is_better: Optional[bool] = None) -> float:
+    """How much worse ``current`` is than ``base``: positive = forgot. The sign flips for metrics
+    where lower is better: ``lower_is_better`` when given, else the names in ``LOWER_IS_BETTER``."""
+    if lower_is_better is None:
+        lower_is_better = metric in LOWER_IS_BETTER
+    return current - base if lower_is_better else base - current
 
 
 class ForgettingCallback(PeriodicEvaluation):
@@ -102,18 +104,7 @@ class ForgettingCallback(PeriodicEvaluation):
     # ---- hooks ---------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
-            # A forward pass of a sharded model on rank zero alone would wait for the other ranks.
-            raise ValueError(
-                f"ForgettingCallback evaluates on rank zero and cannot run under {strategy}; use DDP, "
-                "or evaluate a saved Hugging Face folder after training"
-            )
-        if trainer.global_step > 0:
-            rank_zero_warn(
-                f"ForgettingCallback: training resumes at step {trainer.global_step}, so the scores taken "
-                "now (the reference for forgetting) are those of the checkpoint, not of the base model"
-            )
+        self._check_base_run(trainer)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "evaluation_suites"):
             raise ValueError(

@@ -3,12 +3,28 @@ and at the end, at most once per optimizer step."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["PeriodicEvaluation"]
+__all__ = ["PeriodicEvaluation", "kept_modes"]
+
+
+@contextmanager
+def kept_modes(module: torch.nn.Module) -> Iterator[None]:
+    """Puts ``module`` in eval mode and, on exit, gives every submodule back its own train/eval mode
+    (a submodule kept in eval mode on purpose stays so, which ``module.train()`` would undo)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class PeriodicEvaluation(Callback):
@@ -29,6 +45,22 @@ class PeriodicEvaluation(Callback):
             return False
         self._last_step = step
         return True
+
+    def _check_base_run(self, trainer: pl.Trainer) -> None:
+        """For callbacks that score the whole model on rank zero and measure forgetting against the
+        scores taken at the start: refuse sharded strategies, warn when training resumes."""
+        name, strategy = type(self).__name__, type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+            # A forward pass of a sharded model on rank zero alone would wait for the other ranks.
+            raise ValueError(
+                f"{name} evaluates on rank zero and cannot run under {strategy} (the model is sharded); use "
+                "DDP, or evaluate a saved Hugging Face folder after training"
+            )
+        if trainer.global_step > 0:
+            rank_zero_warn(
+                f"{name}: training resumes at step {trainer.global_step}, so the scores taken now (the reference "
+                "for forgetting) are those of the checkpoint, not of the base model"
+            )
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement _evaluate(trainer, pl_module)")

@@ -17,8 +17,9 @@ from eaft_pl.losses import token_statistics
 
 __all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
 
-#: Metrics where a smaller value is better (forgetting flips their sign).
-LOWER_IS_BETTER = frozenset({"ce", "ppl"})
+#: Metrics where a smaller value is better (forgetting flips their sign): this module's ``ce`` and
+#: ``ppl``, and lm-evaluation-harness's perplexity-style metrics (wikitext, lambada).
+LOWER_IS_BETTER = frozenset({"ce", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 
 
 def normalise(text: str) -> str:
