@@ -288,6 +288,32 @@ def test_a_second_setup_reads_the_tokens_from_the_cache(tmp_path, tokenizer_dir,
     assert setup()[0] == 0  # the first settings are still cached
 
 
+def test_prepare_data_tokenises_what_the_stage_uses(tmp_path, tokenizer_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    source = write(tmp_path, numbered(6), "jsonl")
+    dm = hf_module_for(tmp_path, tokenizer_dir, train_split="train[:4]", val_split="train[4:5]", test_split="train[5:]", **source)
+    loaded = []
+    monkeypatch.setattr(dm, "_load_raw", lambda split, expr: loaded.append(split) or HFChatDataModule._load_raw(dm, split, expr))
+    for fn, splits in ((TrainerFn.TESTING, ["test"]), (TrainerFn.FITTING, ["train", "val"]), (None, ["train", "val", "test"])):
+        loaded.clear()
+        dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=fn))
+        dm.prepare_data()
+        assert loaded == splits, fn
+
+
+def test_tokenising_in_two_processes_gives_the_same_rows(tmp_path, tokenizer_dir):
+    source = write(tmp_path, numbered(12), "jsonl")
+    one = hf_module_for(tmp_path, tokenizer_dir, **source)
+    two = hf_module_for(tmp_path, tokenizer_dir, num_proc=2, cache_dir=str(tmp_path / "two"), **source)
+    one.setup("fit")
+    two.setup("fit")
+    rows = lambda dm: [(e.input_ids, e.labels, e.source) for e in dm.datasets["train"]]  # noqa: E731
+    assert rows(two) == rows(one) and len(rows(one)) == 12
+
+
 def test_the_drop_policy_is_the_jsonl_one(tmp_path, tokenizer_dir):
     records = numbered(3) + [{"prompt": "z" * 200, "response": "lost"}]
     source = write(tmp_path, records, "jsonl")

@@ -4,7 +4,7 @@ collation live here once."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -158,10 +158,19 @@ class ChatDataModule(pl.LightningDataModule):
         conversations = self.load_conversations(split)
         return None if conversations is None else self.encode_split(split, conversations)
 
+    def _stage_splits(self) -> Dict[str, Tuple[str, ...]]:
+        vals = tuple(self._val_splits())
+        return {"fit": ("train", *vals), "validate": vals, "test": ("test",), "predict": ("val",)}
+
+    def splits_for(self, stage: Optional[str]) -> Tuple[str, ...]:
+        """The splits ``setup(stage)`` loads: those the stage uses, or all for an unknown/no stage."""
+        every = ("train", *self._val_splits(), "test")
+        return self._stage_splits().get(stage, every) if stage else every
+
     def setup(self, stage: Optional[str] = None) -> None:
         vals = tuple(self._val_splits())
-        wanted = {"fit": ("train", *vals), "validate": vals, "test": ("test",), "predict": ("val",)}
-        for split in wanted.get(stage, ("train", *vals, "test")) if stage else ("train", *vals, "test"):
+        wanted = self._stage_splits()
+        for split in self.splits_for(stage):
             if split in self.datasets:
                 continue
             examples = self.load_split(split)

@@ -288,9 +288,11 @@ class HFChatDataModule(ChatDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Tokenise every split once (local rank zero of each node), so the other processes' ``setup``
-        reads the tokens from the cache instead of tokenising the same rows at the same time."""
-        for split in self.splits:
+        """Tokenise the splits the Trainer's stage uses once (on local rank zero of each node), so the
+        other processes' ``setup`` reads the tokens from the cache instead of tokenising the same rows
+        at the same time."""
+        stage = self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else None
+        for split in self.splits_for(stage):
             self.encoded_split(split)
 
     def load_split(self, split: str) -> Optional[EncodedRows]:
