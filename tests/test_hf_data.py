@@ -234,7 +234,20 @@ def test_separate_files_per_split(tmp_path, tokenizer_dir):
     dm = hf_module_for(tmp_path, tokenizer_dir, path="json", data_files={"train": train, "validation": val}, val_split="validation")
     dm.setup("fit")
     assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (5, 2)
-    assert dm.files["val"] == "json[validation]"
+    # Sources and the MLflow tag name each split's own file.
+    assert dm.files == {"train": f"{train}[train]", "val": f"{val}[validation]"}
+    assert dm.datasets["val"][1].source == f"{val}[validation]:1"
+    # Several files, or several splits in one expression: the builder's name.
+    dm = hf_module_for(tmp_path, tokenizer_dir, path="json", data_files={"train": [train, val]}, val_split="train[:1]+train[-1:]")
+    dm.setup("fit")
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (7, 2)
+    assert dm.files == {"train": "json[train]", "val": "json[train[:1]+train[-1:]]"}
+
+
+def test_the_layout_option_lists_every_layout():
+    from eaft_pl.data.layouts import LAYOUT_FIELDS, LAYOUTS
+
+    assert LAYOUTS == ("auto", *LAYOUT_FIELDS)
 
 
 def test_max_train_examples_draws_the_same_subset_every_time(tmp_path, tokenizer_dir):

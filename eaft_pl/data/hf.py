@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overload
 
@@ -192,12 +193,15 @@ class HFChatDataModule(ChatDataModule):
         self.files = {split: self._label(expr) for split, expr in self.splits.items() if expr}
 
     def _label(self, expr: str) -> str:
-        """``<dataset>[<split expression>]``: the prefix of every row's source."""
-        if isinstance(self.data_files, str):
-            dataset = self.data_files
-        else:
-            dataset = self.path + (f":{self.name}" if self.name else "")
-        return f"{dataset}[{expr}]"
+        """``<dataset>[<split expression>]``, the prefix of every row's source. ``<dataset>`` is the
+        file the split reads when there is one (what a user recognises), else ``path[:name]``."""
+        files = self.data_files
+        if isinstance(files, dict):
+            split_name = re.fullmatch(r"([\w.-]+)(\[[^\]]*\])?", expr)  # one split, maybe sliced
+            files = files.get(split_name.group(1)) if split_name else None
+        if isinstance(files, str):
+            return f"{files}[{expr}]"
+        return f"{self.path}{f':{self.name}' if self.name else ''}[{expr}]"
 
     # ---- loading -----------------------------------------------------------------------------------
 

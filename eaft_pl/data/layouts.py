@@ -34,7 +34,6 @@ LAYOUT_FIELDS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
 #: The ``layout`` option's values (a Literal, so ``--help`` lists them).
 LayoutName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response"]
 LAYOUTS: Tuple[str, ...] = get_args(LayoutName)
-assert set(LAYOUTS) == {"auto", *LAYOUT_FIELDS}
 
 #: ShareGPT speaker -> chat role. ``function_call`` is the model's own tool call, so it is an
 #: assistant turn (supervised); ``observation`` is what the tool returned, so it is a tool turn.
