@@ -231,3 +231,34 @@ def test_bad_datamodule_options_are_refused(tokenizer_dir):
         ChatJsonlDataModule(tokenizer_name_or_path=str(tokenizer_dir), max_length=0)
     with pytest.raises(ValueError, match="batch_size"):
         ChatJsonlDataModule(tokenizer_name_or_path=str(tokenizer_dir), batch_size=0)
+
+
+def test_jsonl_layout_columns_and_system_prompt(tmp_path, tokenizer_dir):
+    records = [
+        {"question": "Translate.", "context": "Hello", "answer": "Bonjour"},
+        {"question": "Greet.", "answer": "Hi", "persona": "Be warm."},
+    ]
+    path = write_jsonl(tmp_path / "a.jsonl", records)
+    dm = ChatJsonlDataModule(
+        train_file=path,
+        tokenizer_name_or_path=str(tokenizer_dir),
+        layout="alpaca",
+        columns={"instruction": "question", "input": "context", "output": "answer", "system": "persona"},
+        system_prompt="Be brief.",
+    )
+    convs = [c.messages for c in dm.load_conversations("train")]
+    assert convs == [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate.\nHello"}, {"role": "assistant", "content": "Bonjour"}],
+        [{"role": "system", "content": "Be warm."}, {"role": "user", "content": "Greet."}, {"role": "assistant", "content": "Hi"}],
+    ]
+    dm.setup("fit")
+    assert dm.summary["train"]["kept"] == 2
+    # A line without the renamed field: the error names the file, the line, the key and the option.
+    bad = write_jsonl(tmp_path / "b.jsonl", [records[0], {"question": "q", "output": "a"}])
+    with pytest.raises(DataError, match=f"{bad}:2: no 'answer' \\(the 'output' field of layout 'alpaca'\\).*data.init_args.columns"):
+        read_chat_jsonl(bad, dm.layout)
+
+
+def test_an_empty_system_field_adds_no_system_turn(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "response": "r", "system": ""}])
+    assert read_chat_jsonl(path)[0].messages == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]

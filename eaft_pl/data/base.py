@@ -4,7 +4,7 @@ collation live here once."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -14,6 +14,7 @@ from eaft_pl.data.chat import (
     Conversation,
     DataError,
     EncodedExample,
+    ExampleStats,
     SplitSummary,
     collate,
     encode_conversation,
@@ -83,7 +84,7 @@ class ChatDataModule(pl.LightningDataModule):
         self.tokenizer: Any = None
         #: The encoded examples of every split, never packed (the reference pass, the cohort callback
         #: and ``analyze`` read them one conversation at a time).
-        self.datasets: Dict[str, List[EncodedExample]] = {}
+        self.datasets: Dict[str, Sequence[EncodedExample]] = {}
         #: The training rows when ``packing`` is on: lists of examples of at most ``max_length`` tokens.
         self.packed_train: List[List[EncodedExample]] = []
         self.summary: Dict[str, Dict[str, Any]] = {}
@@ -132,20 +133,20 @@ class ChatDataModule(pl.LightningDataModule):
     def encode_split(self, split: str, conversations: List[Conversation]) -> List[EncodedExample]:
         """Tokenise a split, drop (and count) examples left with no supervised token."""
         self._ensure_tokenizer()
-        summary = SplitSummary(examples=len(conversations))
-        kept = []
-        for conv in conversations:
-            ex = encode_conversation(self.tokenizer, conv, self.max_length, self.chat_template)
-            summary.truncated += ex.truncated
-            summary.tokens += len(ex.input_ids)
-            n = ex.num_supervised
-            if n == 0:
-                summary.dropped_no_supervised_tokens += 1
-                summary.dropped_sources.append(conv.source)
-                continue
-            summary.supervised_tokens += n
-            kept.append(ex)
-        summary.kept = len(kept)
+        encoded = [encode_conversation(self.tokenizer, c, self.max_length, self.chat_template) for c in conversations]
+        kept = self.summarise_split(split, (e.stats for e in encoded))
+        return [encoded[i] for i in kept]
+
+    def summarise_split(self, split: str, examples: Iterable[ExampleStats]) -> List[int]:
+        """The drop policy of every DataModule, on a split's already-encoded examples: count them into
+        :attr:`summary`, warn about those left with no supervised token and return the indices of the
+        others.
+
+        Raises:
+            DataError: no example is left.
+        """
+        summary = SplitSummary()
+        kept = [i for i, example in enumerate(examples) if summary.add(example)]
         self.summary[split] = summary.as_dict()
         if summary.dropped_no_supervised_tokens:
             rank_zero_warn(
@@ -164,23 +165,38 @@ class ChatDataModule(pl.LightningDataModule):
         )
         return kept
 
+    def load_split(self, split: str) -> Optional[Sequence[EncodedExample]]:
+        """The encoded examples of ``split``, or None if it has none: :meth:`load_conversations`
+        then :meth:`encode_split`. Override it to encode another way (see ``HFChatDataModule``)."""
+        conversations = self.load_conversations(split)
+        return None if conversations is None else self.encode_split(split, conversations)
+
+    def _stage_splits(self) -> Dict[str, Tuple[str, ...]]:
+        vals = tuple(self._val_splits())
+        return {"fit": ("train", *vals), "validate": vals, "test": ("test",), "predict": ("val",)}
+
+    def splits_for(self, stage: Optional[str]) -> Tuple[str, ...]:
+        """The splits ``setup(stage)`` loads: those the stage uses, or all for an unknown/no stage."""
+        every = ("train", *self._val_splits(), "test")
+        return self._stage_splits().get(stage, every) if stage else every
+
     def setup(self, stage: Optional[str] = None) -> None:
         vals = tuple(self._val_splits())
-        wanted = {"fit": ("train", *vals), "validate": vals, "test": ("test",), "predict": ("val",)}
-        for split in wanted.get(stage, ("train", *vals, "test")) if stage else ("train", *vals, "test"):
+        wanted = self._stage_splits()
+        for split in self.splits_for(stage):
             if split in self.datasets:
                 continue
-            conversations = self.load_conversations(split)
-            if conversations is None:
+            examples = self.load_split(split)
+            if examples is None:
                 required = split == "train" or split in vals[1:] or stage in ("validate", "test", "predict")
                 if required and split in wanted.get(stage or "fit", ()):
                     raise DataError(f"{type(self).__name__} has no {split} data, which `{stage}` needs")
                 continue
-            self.datasets[split] = self.encode_split(split, conversations)
+            self.datasets[split] = examples
         if self.packing and "train" in self.datasets and not self.packed_train:
             self.packed_train = self._pack(self.datasets["train"])
 
-    def _pack(self, examples: List[EncodedExample]) -> List[List[EncodedExample]]:
+    def _pack(self, examples: Sequence[EncodedExample]) -> List[List[EncodedExample]]:
         rows = pack_examples(examples, self.max_length)
         stats = packing_stats(rows, self.max_length)
         self.summary.setdefault("train", {})["packing"] = stats.as_dict()

@@ -11,7 +11,7 @@ tokenizer's offsets; a token is supervised when it starts inside a span.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ __all__ = [
     "DataError",
     "Conversation",
     "EncodedExample",
+    "ExampleStats",
     "validate_messages",
     "assistant_char_spans",
     "encode_conversation",
@@ -53,6 +54,15 @@ class Conversation:
     tools: Optional[List[Dict[str, Any]]] = None
 
 
+class ExampleStats(NamedTuple):
+    """What the split summary counts of one encoded example."""
+
+    source: str
+    tokens: int
+    supervised: int
+    truncated: bool
+
+
 @dataclass
 class EncodedExample:
     """A tokenised conversation: ``labels`` equal ``input_ids`` on assistant tokens, else -100."""
@@ -66,6 +76,10 @@ class EncodedExample:
     def num_supervised(self) -> int:
         """Tokens the loss uses: labels are shifted by one, so position 0 never counts."""
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+    @property
+    def stats(self) -> ExampleStats:
+        return ExampleStats(self.source, len(self.input_ids), self.num_supervised, self.truncated)
 
 
 #: Keys a message may carry besides ``role`` and ``content``, by role: what chat templates of tool-using
@@ -271,6 +285,19 @@ class SplitSummary:
     tokens: int = 0
     supervised_tokens: int = 0
     dropped_sources: List[str] = field(default_factory=list)
+
+    def add(self, example: ExampleStats) -> bool:
+        """Count one example; return whether it is kept (it has a supervised token)."""
+        self.examples += 1
+        self.truncated += example.truncated
+        self.tokens += example.tokens
+        if example.supervised == 0:
+            self.dropped_no_supervised_tokens += 1
+            self.dropped_sources.append(example.source)
+            return False
+        self.supervised_tokens += example.supervised
+        self.kept += 1
+        return True
 
     def as_dict(self) -> Dict[str, Any]:
         d = dict(vars(self))
