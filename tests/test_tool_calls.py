@@ -85,3 +85,51 @@ def test_template_dropping_earlier_reasoning_is_refused_with_advice(char_tokeniz
     ]
     with pytest.raises(DataError, match="not prefix-stable at message 1.*reasoning"):
         encode_conversation(char_tokenizer, Conversation(messages, "m.jsonl:2"), 512, chat_template=drops)
+
+
+def test_keys_a_columnar_dataset_fills_with_none_are_absent(char_tokenizer):
+    # Arrow gives every message of a column every key, None where a message lacks it.
+    messages = [
+        {"role": "user", "content": "2+3?", "tool_calls": None, "reasoning_content": None, "tool_call_id": None},
+        {"role": "assistant", "content": "5", "tool_calls": None, "reasoning_content": None, "tool_call_id": None},
+    ]
+    plain = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    got = encode_conversation(char_tokenizer, Conversation(messages), 256, chat_template=TOOL_TEMPLATE)
+    want = encode_conversation(char_tokenizer, Conversation(plain), 256, chat_template=TOOL_TEMPLATE)
+    assert (got.input_ids, got.labels) == (want.input_ids, want.labels)
+
+
+def test_records_carry_tools_and_reasoning_through_the_layouts(tmp_path, char_tokenizer):
+    import json
+
+    from eaft_pl.data import ChatJsonlDataModule
+    from eaft_pl.data.layouts import RecordLayout
+
+    # tools and messages as JSON strings (how datasets with irregular nesting store them)
+    record = {"messages": json.dumps(AGENTIC), "tools": json.dumps(TOOLS)}
+    conv = RecordLayout().to_conversation(record, "r:1")
+    assert conv.tools == TOOLS and conv.messages == AGENTIC
+    ex = encode_conversation(char_tokenizer, conv, 1024, chat_template=TOOL_TEMPLATE)
+    direct = encode_conversation(char_tokenizer, Conversation(AGENTIC, tools=TOOLS), 1024, chat_template=TOOL_TEMPLATE)
+    assert ex.input_ids == direct.input_ids and ex.labels == direct.labels
+
+    # a reasoning column becomes the answer's reasoning_content (supervised, inside the template's tags)
+    layout = RecordLayout("prompt_response", columns={"prompt": "Question", "reasoning": "Complex_CoT", "response": "Response"})
+    conv = layout.to_conversation({"Question": "q", "Complex_CoT": "think", "Response": "a"}, "r:2")
+    assert conv.messages[-1] == {"role": "assistant", "content": "a", "reasoning_content": "think"}
+    ex = encode_conversation(char_tokenizer, conv, 256, chat_template=TOOL_TEMPLATE)
+    assert supervised_segments(char_tokenizer, ex) == ["<think>think</think>a<|im_end|>\n"]
+
+    with pytest.raises(DataError, match=r"r:3: 'tools' must be a list"):
+        RecordLayout().to_conversation({"messages": AGENTIC, "tools": {"name": "add"}}, "r:3")
+    with pytest.raises(DataError, match=r"r:4: 'messages' is a string but not valid JSON"):
+        RecordLayout().to_conversation({"messages": "[{"}, "r:4")
+
+    # and through a DataModule, end to end
+    path = tmp_path / "agent.jsonl"
+    path.write_text(json.dumps({"messages": AGENTIC, "tools": TOOLS}) + "\n")
+    tok_dir = tmp_path / "tok"
+    char_tokenizer.save_pretrained(tok_dir)
+    dm = ChatJsonlDataModule(train_file=str(path), tokenizer_name_or_path=str(tok_dir), chat_template=TOOL_TEMPLATE, max_length=1024)
+    dm.setup("fit")
+    assert dm.datasets["train"][0].input_ids == direct.input_ids

@@ -130,7 +130,8 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, Any]]:
         if role not in ROLES:
             raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}")
         allowed = OPTIONAL_KEYS[role]
-        unknown = sorted(set(m) - {"role", "content", *allowed})
+        # Columnar datasets give every message every key seen in the column, None where absent.
+        unknown = sorted(k for k in set(m) - {"role", "content", *allowed} if m[k] is not None)
         if unknown:
             raise DataError(
                 f"{where}: unknown key(s) {unknown} on a {role} message; it may carry 'role', 'content'"

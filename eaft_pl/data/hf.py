@@ -91,7 +91,7 @@ class _Encoder:
     def __call__(self, record: Dict[str, Any], index: int) -> Dict[str, Any]:
         # Errors name the row of the split the user asked for, also after max_train_examples sampled it.
         source = f"{self.label}:{self.positions[index] if self.positions else index}"
-        conversation = Conversation(self.layout.to_messages(record, source), source)
+        conversation = self.layout.to_conversation(record, source)
         ex = encode_conversation(self.tokenizer, conversation, self.max_length, self.chat_template)
         return {
             "input_ids": ex.input_ids,

@@ -37,7 +37,7 @@ def read_chat_jsonl(path: str, layout: Optional[RecordLayout] = None) -> List[Co
                 raise DataError(f"{source}: invalid JSON ({e.msg} at column {e.colno}); one object per line") from None
             if not isinstance(record, dict):
                 raise DataError(f"{source}: expected a JSON object per line, got {type(record).__name__}")
-            conversations.append(Conversation(layout.to_messages(record, source), source))
+            conversations.append(layout.to_conversation(record, source))
     if not conversations:
         raise DataError(f"{path}: the file holds no conversation")
     return conversations

@@ -6,11 +6,17 @@ through :class:`RecordLayout`. The messages it returns are checked (roles, empty
 
 Layouts and the fields each reads (rename them with ``columns``):
 
-- ``messages``: ``messages``, a list of ``{"role", "content"}`` (OpenAI style).
-- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}``; optional ``system``.
+- ``messages``: ``messages``, a list of ``{"role", "content"}`` (OpenAI style, with assistant
+  ``tool_calls``/``reasoning_content`` and ``tool`` turns when present); optional ``tools``.
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}``; optional ``system`` and ``tools``.
 - ``alpaca``: ``instruction`` and ``output``; optional ``input`` (appended to the instruction after
-  a newline, as LLaMA-Factory does) and ``system``.
-- ``prompt_response``: ``prompt`` and ``response``; optional ``system``.
+  a newline, as LLaMA-Factory does), ``system`` and ``reasoning``.
+- ``prompt_response``: ``prompt`` and ``response``; optional ``system`` and ``reasoning``.
+
+``tools`` (the functions a conversation may call, OpenAI layout) goes to the chat template;
+``reasoning`` (a reasoning chain, e.g. distilled from a thinking model) becomes the answer's
+``reasoning_content``, which thinking models' templates render in ``<think>`` tags. ``messages``
+and ``tools`` may also be JSON strings, as datasets with irregular nesting often store them.
 
 A missing or ``null`` field counts as absent, and so does an empty ``system`` string (no system turn).
 """
@@ -20,16 +26,16 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, get_args
 
-from eaft_pl.data.chat import DataError
+from eaft_pl.data.chat import Conversation, DataError
 
 __all__ = ["LAYOUTS", "LAYOUT_FIELDS", "LayoutName", "SHAREGPT_ROLES", "RecordLayout"]
 
 #: Per layout: (required fields, optional fields). Auto-detection tries the layouts in this order.
 LAYOUT_FIELDS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
-    "messages": (("messages",), ()),
-    "sharegpt": (("conversations",), ("system",)),
-    "alpaca": (("instruction", "output"), ("input", "system")),
-    "prompt_response": (("prompt", "response"), ("system",)),
+    "messages": (("messages",), ("tools",)),
+    "sharegpt": (("conversations",), ("system", "tools")),
+    "alpaca": (("instruction", "output"), ("input", "system", "reasoning")),
+    "prompt_response": (("prompt", "response"), ("system", "reasoning")),
 }
 #: The ``layout`` option's values (a Literal, so ``--help`` lists them).
 LayoutName = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_response"]
@@ -65,6 +71,16 @@ def _string(value: Any, key: str, source: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{source}: '{key}' must be a string, got {type(value).__name__}")
     return value
+
+
+def _json_list(value: Any, key: str, source: str) -> Any:
+    """A list field that may arrive as a JSON string; anything else is left for the later checks."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}: '{key}' is a string but not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 class RecordLayout:
@@ -130,6 +146,19 @@ class RecordLayout:
             + f"{renamed}; map your keys with {self.option_prefix}columns, or set {self.option_prefix}layout"
         )
 
+    def to_conversation(self, record: Any, source: str) -> Conversation:
+        """Turn one record into a :class:`Conversation`: its messages and, if the record has them,
+        its ``tools`` (checked later by ``validate_messages`` and the chat template).
+
+        Raises:
+            DataError: as :meth:`to_messages`, or ``tools`` is not a list of objects.
+        """
+        messages, values = self._convert(record, source)
+        tools = _json_list(values.get("tools"), self.key("tools"), source)
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+            raise DataError(f"{source}: '{self.key('tools')}' must be a list of tool (function) definitions")
+        return Conversation(messages, source, tools or None)
+
     def to_messages(self, record: Any, source: str) -> Any:
         """Turn one record into ``[{"role", "content"}, ...]`` (checked later by ``validate_messages``).
 
@@ -137,6 +166,9 @@ class RecordLayout:
             DataError: not a mapping, no layout matches (``auto``), a required field is missing, or
                 a field has the wrong type; the message starts with ``source``.
         """
+        return self._convert(record, source)[0]
+
+    def _convert(self, record: Any, source: str) -> Tuple[Any, Dict[str, Any]]:
         if not isinstance(record, Mapping):
             raise DataError(f"{source}: expected an object of named fields, got {type(record).__name__}")
         layout = self.layout if self.layout != "auto" else self.detect(record, source)
@@ -152,7 +184,7 @@ class RecordLayout:
         messages = _CONVERTERS[layout](self, values, source)
         if self.system_prompt is not None and isinstance(messages, list) and not _has_system(messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages
+        return messages, values
 
     def _system(self, values: Mapping[str, Any], source: str) -> List[Dict[str, str]]:
         system = values.get("system")
@@ -162,7 +194,7 @@ class RecordLayout:
         return [{"role": "system", "content": system}] if system.strip() else []
 
     def _messages(self, values: Mapping[str, Any], source: str) -> Any:
-        return values["messages"]  # checked with the others in validate_messages
+        return _json_list(values["messages"], self.key("messages"), source)  # checked in validate_messages
 
     def _sharegpt(self, values: Mapping[str, Any], source: str) -> List[Dict[str, Any]]:
         turns = values["conversations"]
@@ -196,10 +228,10 @@ class RecordLayout:
         return self._single_turn(values, prompt, _string(values["response"], self.key("response"), source), source)
 
     def _single_turn(self, values: Mapping[str, Any], prompt: str, answer: str, source: str) -> List[Dict[str, str]]:
-        return self._system(values, source) + [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": answer},
-        ]
+        reply = {"role": "assistant", "content": answer}
+        if values.get("reasoning") is not None:
+            reply["reasoning_content"] = _string(values["reasoning"], self.key("reasoning"), source)
+        return self._system(values, source) + [{"role": "user", "content": prompt}, reply]
 
 
 def _has_system(messages: List[Any]) -> bool:
