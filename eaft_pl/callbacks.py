@@ -83,18 +83,29 @@ class SaveHFModel(pl.Callback):
     renamed, so it is complete or absent, and replaced if it exists. Rank zero writes it.
 
     Args:
-        dirpath: Folder to write.
+        dirpath: Folder to write; by default ``hf`` next to the run's checkpoint folder
+            (``<root>/<experiment id>/<run id>/hf`` with the MLflow logger), so every run keeps its own.
         save_adapter: With LoRA, also write the adapters alone (PEFT's format) under
             ``<dirpath>/adapter``.
     """
 
-    def __init__(self, dirpath: str, save_adapter: bool = False) -> None:
+    def __init__(self, dirpath: Optional[str] = None, save_adapter: bool = False) -> None:
         self.dirpath = dirpath
         self.save_adapter = save_adapter
+
+    def resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        """The folder this run writes: ``dirpath``, or ``hf`` beside the checkpoint folder."""
+        if self.dirpath is not None:
+            return self.dirpath
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir:
+            return os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)), "hf")
+        return os.path.join(trainer.default_root_dir, "hf")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        export_hf_folder(pl_module, self.dirpath, save_adapter=self.save_adapter)
+        dirpath = self.resolve_dirpath(trainer)
+        export_hf_folder(pl_module, dirpath, save_adapter=self.save_adapter)
         for logger in mlflow_loggers(trainer):
-            logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(self.dirpath))
+            logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(dirpath))

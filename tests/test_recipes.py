@@ -1,0 +1,101 @@
+"""The paper's recipes (configs/recipes/): every domain x method x scale-out combination parses and
+instantiates its classes on CPU without downloading anything, with the paper's hyperparameters."""
+
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+from eaft_pl.callbacks import SaveHFModel
+from eaft_pl.cli import cli_main
+from eaft_pl.data import HFChatDataModule
+from eaft_pl.data.layouts import RecordLayout
+from eaft_pl.evaluation import LMEvalCallback
+from eaft_pl.losses import EAFTGate, SFTGate
+
+RECIPES = REPO / "configs" / "recipes"
+DOMAINS = {
+    "qwen3_4b_math": "Qwen/Qwen3-4B-Instruct-2507",
+    "qwen3_4b_medical": "Qwen/Qwen3-4B-Thinking-2507",
+    "qwen3_4b_agentic": "Qwen/Qwen3-4B-Instruct-2507",
+}
+METHODS = {"sft": SFTGate, "eaft": EAFTGate}
+OVERLAYS = ["fsdp_1x8", "fsdp_4x8", "ddp_1x8"]
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Instantiating a recipe must not load a tokenizer, a model or a dataset."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a recipe loaded something while being instantiated: {args}")
+
+    import datasets
+    import transformers
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def instantiate(domain, method, overlay):
+    files = [RECIPES / "paper.yaml", RECIPES / f"{domain}.yaml", RECIPES / f"{method}.yaml", REPO / "configs" / "scale" / f"{overlay}.yaml"]
+    args = [a for f in files for a in ("--config", str(f))]
+    # No GPU here: only the accelerator changes; devices, nodes, strategy and precision are the files'.
+    return cli_main([*args, "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("domain", sorted(DOMAINS))
+def test_recipe_instantiates_with_the_papers_settings(domain, method, overlay, tmp_path, monkeypatch, no_downloads):
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate(domain, method, overlay)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    hp = model.hparams
+    assert hp.model_name_or_path == DOMAINS[domain] and model.model is None  # built later, in configure_model
+    assert type(model.gate) is METHODS[method]
+    assert (hp.learning_rate, hp.warmup_ratio, hp.min_lr_ratio, hp.top_k) == (1e-5, 0.03, 0.0, 20)
+    assert hp.torch_dtype == "float32"  # fp32 master weights under bf16-mixed
+    assert isinstance(data, HFChatDataModule) and data.max_length == 16384
+    assert trainer.max_epochs == 10 and trainer.precision == "bf16-mixed"
+    # The global batch of the paper, whatever the layout.
+    assert trainer.num_devices * trainer.num_nodes * data.batch_size * trainer.accumulate_grad_batches == 64
+    callbacks = {type(c): c for c in trainer.callbacks}
+    assert SaveHFModel in callbacks
+    assert callbacks[LMEvalCallback].tasks == ["mmlu", "ifeval"]
+
+
+def test_recipe_comments_state_the_step_arithmetic():
+    # "ceil(N samples / 64) = S steps per epoch x 10 epochs = T optimizer steps" must add up.
+    for domain in DOMAINS:
+        text = (RECIPES / f"{domain}.yaml").read_text()
+        pattern = r"ceil\(([\d,]+) samples / 64\) = ([\d,]+) steps per epoch x 10 epochs = ([\d,]+) optimizer steps"
+        found = re.findall(pattern, re.sub(r"\n# ?", " ", text))
+        assert found, f"{domain}: no step arithmetic in the comments"
+        for samples, per_epoch, steps in found:
+            samples, per_epoch, steps = (int(x.replace(",", "")) for x in (samples, per_epoch, steps))
+            assert -(-samples // 64) == per_epoch and per_epoch * 10 == steps, domain
+
+
+def test_medical_recipe_maps_huatuo_columns_to_a_reasoning_turn():
+    init = yaml.safe_load((RECIPES / "qwen3_4b_medical.yaml").read_text())["data"]["init_args"]
+    layout = RecordLayout(init["layout"], init["columns"])
+    record = {"Question": "A 45-year-old ...?", "Complex_CoT": "Consider ...", "Response": "Start with ..."}
+    conversation = layout.to_conversation(record, "huatuo:0")
+    assert conversation.messages == [
+        {"role": "user", "content": "A 45-year-old ...?"},
+        {"role": "assistant", "content": "Start with ...", "reasoning_content": "Consider ..."},
+    ]
+
+
+def test_the_export_folder_defaults_to_one_per_run(tmp_path):
+    # The recipes leave SaveHFModel's dirpath unset: SFT and EAFT runs must not overwrite each other.
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path / "7" / "abc123" / "checkpoints")), default_root_dir="x")
+    assert SaveHFModel().resolve_dirpath(run) == str(tmp_path / "7" / "abc123" / "hf")
+    no_ckpt = SimpleNamespace(checkpoint_callback=None, default_root_dir=str(tmp_path))
+    assert SaveHFModel().resolve_dirpath(no_ckpt) == str(tmp_path / "hf")
+    assert SaveHFModel(dirpath="out/model").resolve_dirpath(run) == "out/model"
