@@ -17,12 +17,19 @@ class StepRecorder(Callback):
         signal_at: Send ``signum`` to this process after this many micro-batches of the run, counted
             across resumes (0: never).
         signum: The signal to send.
+        raise_at: Raise a RuntimeError in this micro-batch's training step, counted like ``signal_at``
+            (0: never).
     """
 
-    def __init__(self, path: str, signal_at: int = 0, signum: int = int(signal.SIGTERM)) -> None:
+    def __init__(self, path: str, signal_at: int = 0, signum: int = int(signal.SIGTERM), raise_at: int = 0) -> None:
         self.path = path
         self.signal_at = signal_at
         self.signum = signum
+        self.raise_at = raise_at
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.fit_loop.total_batch_idx + 1 == self.raise_at:
+            raise RuntimeError(f"injected failure in micro-batch {self.raise_at}")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         rows = batch["input_ids"].tolist()

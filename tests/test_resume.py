@@ -107,3 +107,20 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(in_tmp):
     assert final.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(final[key], reference[key], rtol=1e-6, atol=0)
+
+
+def test_a_resumed_run_logs_its_config_again_only_when_it_changed(tmp_path):
+    from eaft_pl.tracking import config_artifact_name
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("configs")).info.run_id
+    start = "trainer:\n  max_steps: 6\nckpt_path: null\n"
+    assert config_artifact_name(client, run_id, start) == "config.yaml"
+    client.log_text(run_id, start, "config.yaml")
+    # Resuming with the same config (only ckpt_path differs): nothing new.
+    assert config_artifact_name(client, run_id, start.replace("null", "last")) is None
+    longer = "trainer:\n  max_steps: 12\nckpt_path: last\n"
+    assert config_artifact_name(client, run_id, longer) == "config-resume-1.yaml"
+    client.log_text(run_id, longer, "config-resume-1.yaml")
+    assert config_artifact_name(client, run_id, longer) is None  # that resume's config, again
+    assert config_artifact_name(client, run_id, longer.replace("12", "18")) == "config-resume-2.yaml"
