@@ -124,3 +124,25 @@ def test_a_resumed_run_logs_its_config_again_only_when_it_changed(tmp_path):
     client.log_text(run_id, longer, "config-resume-1.yaml")
     assert config_artifact_name(client, run_id, longer) is None  # that resume's config, again
     assert config_artifact_name(client, run_id, longer.replace("12", "18")) == "config-resume-2.yaml"
+
+
+def test_the_sampler_resumes_mid_epoch_and_warns_when_the_data_changed():
+    from eaft_pl.data.sampling import ResumableSampler
+
+    sampler = ResumableSampler(range(10), seed=3)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(10)) and order != list(ResumableSampler(range(10), seed=3))  # epoch 0 differs
+    state = sampler.state_dict(consumed_samples=4)
+
+    resumed = ResumableSampler(range(10), seed=99)  # the checkpoint's seed wins
+    resumed.load_state_dict(state)
+    assert list(resumed) == order[4:] and len(resumed) == 10
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 10  # only the interrupted epoch is cut
+
+    finished = ResumableSampler(range(10))
+    finished.load_state_dict({**state, "consumed_samples": 10})  # saved at the end of epoch 1
+    assert finished.epoch == 2 and len(list(finished)) == 10
+    with pytest.warns(UserWarning, match="resuming with 12 training examples on 1 rank.*the checkpoint had 10"):
+        ResumableSampler(range(12)).load_state_dict(state)
