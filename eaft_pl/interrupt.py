@@ -66,7 +66,7 @@ class GracefulStop(Callback):
         # while training runs; Lightning puts its predecessor back when fit ends.
         if not self.enabled or threading.current_thread() is not threading.main_thread():
             return
-        self.received, self._stopping = None, False
+        self.received, self._stopping, self.checkpoint_path = None, False, None
         for signum in _SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -92,6 +92,10 @@ class GracefulStop(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stopping and not trainer.sanity_checking:
+            # Save here, where ModelCheckpoint saves after a validation: a resume from this point
+            # skips the validation and counts the step's logging index itself. Saved later (in
+            # on_exception, after the loop counted it), every metric would be logged one step late.
+            self._save(trainer)
             self._lightning_sigterm(trainer, True)
 
     @staticmethod
@@ -104,6 +108,10 @@ class GracefulStop(Callback):
         self._restore_handlers()
         if not (self._stopping and isinstance(exception, SIGTERMException)):
             return  # a crash: the last periodic checkpoint stays (see the README's Reliability section)
+        if self.checkpoint_path is None:  # no validation at the last step: save after the step
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
         self.checkpoint_path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(self.checkpoint_path)
         rank_zero_info(f"Saved {self.checkpoint_path}; continue with `fit ... --ckpt_path last` (or this path)")

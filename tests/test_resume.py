@@ -26,6 +26,8 @@ MODEL = {
 
 # SIGTERM after micro-batch 3, the first half of step 2 (of 3 in the first epoch).
 SIGNAL_AT_3 = ["--trainer.callbacks.signal_at=3"]
+# Validation every 4 micro-batches (steps 2, 4, 6): one is due at the stop, and must run first.
+VALIDATE = ["--trainer.limit_val_batches=2", "--trainer.val_check_interval=4"]
 
 
 def fit_args(tmp_path, name, extra=()):
@@ -71,18 +73,18 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def test_a_run_stopped_mid_epoch_resumes_exactly(in_tmp):
-    cli_main(fit_args(in_tmp, "straight"))
+    cli_main(fit_args(in_tmp, "straight", VALIDATE))
     # The signal lands in the middle of step 2: the run finishes that step, saves last.ckpt and
     # exits with 128 + 15.
     with pytest.raises(SystemExit) as stopped:
-        cli_main(fit_args(in_tmp, "resumed", SIGNAL_AT_3))
+        cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *SIGNAL_AT_3]))
     assert stopped.value.code == 128 + signal.SIGTERM
     client, run = the_run(in_tmp, "resumed")
     assert run.info.status == "KILLED"
     first = rows(in_tmp, "resumed")
     assert len(first) == 4 and first[-1]["global_step"] == 2  # stopped at the step boundary
 
-    cli_main(fit_args(in_tmp, "resumed", [*SIGNAL_AT_3, "--ckpt_path=last"]))  # the same config
+    cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *SIGNAL_AT_3, "--ckpt_path=last"]))  # the same config
     straight, resumed = rows(in_tmp, "straight"), rows(in_tmp, "resumed")
     assert len(straight) == len(resumed) == 2 * STEPS  # nothing repeated, nothing skipped
     for a, b in zip(straight, resumed):
@@ -100,9 +102,14 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(in_tmp):
     assert [m.step for m in history] == list(range(STEPS))
     straight_history = client.get_metric_history(straight_run.info.run_id, "train/loss")
     assert [m.value for m in history] == pytest.approx([m.value for m in straight_history], rel=1e-6)
+    # The validation due at the stop ran before it, once: three evaluations, as uninterrupted.
+    val = client.get_metric_history(run.info.run_id, "val/domain/ce")
+    straight_val = client.get_metric_history(straight_run.info.run_id, "val/domain/ce")
+    assert len(val) == len(straight_val) == 3 and [m.step for m in val] == [m.step for m in straight_val]
+    assert [m.value for m in val] == pytest.approx([m.value for m in straight_val], rel=1e-6)
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id) if a.path.startswith("config")) == ["config.yaml"]
 
-    assert sorted(p.name for p in Path(run.data.tags["checkpoint_dir"]).iterdir()) == ["last.ckpt"]
+    assert [p.name for p in Path(run.data.tags["checkpoint_dir"]).glob("last*")] == ["last.ckpt"]  # no last-v1
     final, reference = weights(run), weights(straight_run)
     assert final.keys() == reference.keys()
     for key in reference:
