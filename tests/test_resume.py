@@ -153,3 +153,16 @@ def test_the_sampler_resumes_mid_epoch_and_warns_when_the_data_changed():
     assert finished.epoch == 2 and len(list(finished)) == 10
     with pytest.warns(UserWarning, match="resuming with 12 training examples on 1 rank.*the checkpoint had 10"):
         ResumableSampler(range(12)).load_state_dict(state)
+
+
+def test_two_ranks_resume_their_own_shards():
+    from eaft_pl.data.sampling import ResumableSampler
+
+    ranks = [ResumableSampler(range(10), num_replicas=2, rank=r, seed=5) for r in (0, 1)]
+    full = [list(s) for s in ranks]
+    assert sorted(full[0] + full[1]) == list(range(10))  # disjoint shards, as DistributedSampler
+    states = [s.state_dict(consumed_samples=2) for s in ranks]  # 2 micro-batches of 1 per rank
+    resumed = [ResumableSampler(range(10), num_replicas=2, rank=r) for r in (0, 1)]
+    for sampler, state in zip(resumed, states):
+        sampler.load_state_dict(state)
+    assert [list(s) for s in resumed] == [f[2:] for f in full]
