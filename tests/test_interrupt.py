@@ -63,8 +63,9 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_a_killed_run(in_tmp, sig
 
     if signum == signal.SIGINT:
         return  # the resume is the same after either signal (test_resume checks it exactly)
-    # Resumed on the same run: every micro-batch once, every step logged once.
-    cli_main(fit_args(in_tmp, "run", ["--ckpt_path=last"]))
+    # Resumed from the file (test_resume uses `last`) on the same run: every micro-batch once, every
+    # step logged once.
+    cli_main(fit_args(in_tmp, "run", [f"--ckpt_path={last}"]))
     client, run = the_run(in_tmp, "run")
     assert run.info.status == "FINISHED"
     seen = [(r["epoch"], r["batch_idx"]) for r in rows(in_tmp, "run")]
