@@ -13,14 +13,18 @@ from typing import Dict, List, Optional, Set
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import lazy_instance, set_parsing_settings
 
 from eaft_pl.analyze import EAFTTrainer
 from eaft_pl.callbacks import TokenStatsWriter
+from eaft_pl.checkpoint_io import AtomicCheckpointIO
 from eaft_pl.cohort import ConflictCohortCallback
 from eaft_pl.data.base import ChatDataModule
+from eaft_pl.interrupt import GracefulStop
 from eaft_pl.module import EAFTModule
-from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig
+from eaft_pl.resume import ResumeState, continue_mlflow_run
+from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig, mlflow_loggers
 from eaft_pl.training_diagnostics import DiagnosticsCallback
 
 __all__ = ["EAFTLightningCLI", "cli_main", "main"]
@@ -48,6 +52,26 @@ class EAFTLightningCLI(LightningCLI):
         # base model's confident conflicts through training (the toy configs switch it on).
         parser.add_lightning_class_args(ConflictCohortCallback, "cohort")
         parser.set_defaults({"cohort.enabled": False})
+        # Exact resume (RNG states and the MLflow run in checkpoints) and a checkpoint on SIGTERM/SIGINT.
+        parser.add_lightning_class_args(ResumeState, "resume")
+        parser.add_lightning_class_args(GracefulStop, "interrupt")
+
+    def before_fit(self) -> None:
+        # Before the logger creates a run: a resumed fit continues the MLflow run of its checkpoint.
+        continue_mlflow_run(self.trainer, self._get(self.config_init, "ckpt_path"))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            stop = next((cb for cb in self.trainer.callbacks if isinstance(cb, GracefulStop)), None)
+            if stop is None or stop.received is None:
+                raise
+            # Lightning finalized the run as FAILED; it was stopped on purpose and can be resumed.
+            if self.trainer.is_global_zero:
+                for logger in mlflow_loggers(self.trainer):
+                    logger.experiment.set_terminated(logger.run_id, "KILLED")
+            raise SystemExit(128 + stop.received)  # the shell's status for "ended by this signal"
 
 
 def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightningCLI:
@@ -72,6 +96,8 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
         trainer_defaults={
             "default_root_dir": "outputs",
             "logger": lazy_instance(MLFlowLogger, experiment_name="eaft-pl", tracking_uri=DEFAULT_TRACKING_URI),
+            # Checkpoints written to a temporary file and renamed: never a truncated last.ckpt.
+            "plugins": lazy_instance(AtomicCheckpointIO),
         },
         args=args,
         run=run,

@@ -469,6 +469,14 @@ class EAFTModule(pl.LightningModule):
     def on_test_start(self) -> None:
         self._keep_metric_precision()
 
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The divisor is fixed by the run's first micro-batch; a resumed run keeps it so that its
+        # losses and gradients round exactly as the uninterrupted run's.
+        checkpoint["eaft_loss_divisor"] = self._loss_divisor
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._loss_divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
+
     def on_train_start(self) -> None:
         # Log the first step after this one (also right after a resume), with all its micro-batches.
         self._last_logged_step = self.trainer.global_step

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-__all__ = ["MLflowSaveConfig", "mlflow_loggers", "run_tags"]
+__all__ = ["MLflowSaveConfig", "config_artifact_name", "mlflow_loggers", "run_tags"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
@@ -35,13 +37,33 @@ def run_tags(pl_module: pl.LightningModule, datamodule: Any, stage: str) -> Dict
     }
 
 
+def _without_ckpt_path(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("ckpt_path:"))
+
+
+def config_artifact_name(client: Any, run_id: str, text: str) -> Optional[str]:
+    """``config.yaml`` for a new run; for a resumed one None when the config is that of the run's
+    start or of an earlier resume (up to ``ckpt_path``), else the next ``config-resume-<n>.yaml``."""
+    names = sorted(a.path for a in client.list_artifacts(run_id) if a.path.startswith("config"))
+    if "config.yaml" not in names:
+        return "config.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            logged = Path(client.download_artifacts(run_id, name, tmp)).read_text()
+            if _without_ckpt_path(logged) == _without_ckpt_path(text):
+                return None
+    return f"config-resume-{len(names)}.yaml"
+
+
 class MLflowSaveConfig(SaveConfigCallback):
     """Logs the full resolved config as ``config.yaml`` on the MLflow run (instead of writing it into
     the log dir, which a sqlite-backed ``MLFlowLogger`` does not have), sets run tags and logs the
     DataModule's summary (examples kept, truncated and dropped) as ``data_summary.json``.
 
     MLflow params are cut at 250 characters by Lightning's logger, so the artifact is the record of
-    what ran.
+    what ran. A resumed run (``fit --ckpt_path``, which continues its MLflow run) keeps its
+    ``config.yaml``; a config that differs in more than ``ckpt_path`` is added as
+    ``config-resume-<n>.yaml``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -52,7 +74,10 @@ class MLflowSaveConfig(SaveConfigCallback):
         datamodule = getattr(trainer, "datamodule", None)
         for logger in mlflow_loggers(trainer):
             client, run_id = logger.experiment, logger.run_id
-            client.log_text(run_id, self.parser.dump(self.config, skip_none=False), "config.yaml")
+            text = self.parser.dump(self.config, skip_none=False)
+            name = config_artifact_name(client, run_id, text)
+            if name is not None:
+                client.log_text(run_id, text, name)
             for key, value in run_tags(pl_module, datamodule, stage).items():
                 client.set_tag(run_id, key, value[:5000])
             summary = getattr(datamodule, "summary", None)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from eaft_pl.data.chat import (
     Conversation,
@@ -21,6 +21,7 @@ from eaft_pl.data.chat import (
     pad_token_id,
 )
 from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
+from eaft_pl.data.sampling import ResumableSampler
 from eaft_pl.hub import load_tokenizer
 
 __all__ = ["ChatDataModule"]
@@ -88,6 +89,8 @@ class ChatDataModule(pl.LightningDataModule):
         #: The training rows when ``packing`` is on: lists of examples of at most ``max_length`` tokens.
         self.packed_train: List[List[EncodedExample]] = []
         self.summary: Dict[str, Dict[str, Any]] = {}
+        self._train_sampler: Optional[ResumableSampler] = None
+        self._train_sampler_state: Optional[Dict[str, Any]] = None
 
     # ---- what a subclass supplies ------------------------------------------------------------------
 
@@ -206,19 +209,45 @@ class ChatDataModule(pl.LightningDataModule):
         )
         return rows
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _train_rows(self) -> Sequence[Any]:
+        """What a training batch is drawn from: conversations, or packed rows of them."""
+        return self.packed_train if self.packing else self.datasets["train"]
+
+    def _loader(self, split: str, shuffle: bool, sampler: Optional[Sampler] = None) -> DataLoader:
         packed = self.packing and split == "train"
         collate_fn = collate_packed if packed else collate
         return DataLoader(
-            self.packed_train if packed else self.datasets[split],
+            self._train_rows() if split == "train" else self.datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate_fn, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # A seeded sampler whose position is saved in checkpoints (state_dict below): a run resumed
+        # mid-epoch sees the batches the interrupted run had not reached yet, in the same order.
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_sampler = ResumableSampler(self._train_rows(), num_replicas=world, rank=rank)
+        if self._train_sampler_state is not None:
+            self._train_sampler.load_state_dict(self._train_sampler_state)
+            self._train_sampler_state = None
+        return self._loader("train", shuffle=False, sampler=self._train_sampler)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The training sampler's position (saved in checkpoints by Lightning)."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        # Batches of this epoch that ran their training step, at any of Lightning's save points
+        # (after a batch, after validation, at the end of an epoch or of an interrupted run).
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": self._train_sampler.state_dict(consumed_samples=done * self.batch_size)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep the sampler position for the next :meth:`train_dataloader`."""
+        self._train_sampler_state = state_dict.get("train_sampler")
 
     def val_dataloader(self) -> Any:
         loaders = [self._loader(split, shuffle=False) for split in self._val_splits() if split in self.datasets]
