@@ -63,6 +63,10 @@ class ChatDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.init_args.{name} must be >= 1, got {value}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"data.init_args.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"data.init_args.pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
+        if num_workers < 0:
+            raise ValueError(f"data.init_args.num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.max_length = max_length
         self.batch_size = batch_size

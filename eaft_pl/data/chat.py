@@ -10,6 +10,7 @@ tokenizer's offsets; a token is supervised when it starts inside a span.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ __all__ = [
     "Conversation",
     "EncodedExample",
     "validate_messages",
+    "did_you_mean",
     "assistant_char_spans",
     "encode_conversation",
     "collate",
@@ -64,6 +66,13 @@ class EncodedExample:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
+def did_you_mean(given: str, known: Sequence[str], cutoff: float = 0.75) -> str:
+    """``"; did you mean 'x'?"`` when ``given`` is a near miss of one of ``known`` (a misspelled key or
+    role), else ``""``: a hint for an error message, from :func:`difflib.get_close_matches`."""
+    match = difflib.get_close_matches(str(given), list(known), n=1, cutoff=cutoff)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
 def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
     """Check the structure of a conversation and return it as a list of role/content dicts.
 
@@ -80,10 +89,11 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, str]]:
             raise DataError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
-            raise DataError(f"{where} lacks {missing} (has {sorted(m)}); every message needs 'role' and 'content'")
+            hints = "".join(did_you_mean(k, missing) for k in m if k not in ("role", "content"))
+            raise DataError(f"{where} lacks {missing} (has {sorted(m)}); every message needs 'role' and 'content'{hints}")
         role, content = m["role"], m["content"]
         if role not in ROLES:
-            raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}")
+            raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}{did_you_mean(role, ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: 'content' must be a string, got {type(content).__name__}")
         if role == "assistant" and not content.strip():

@@ -7,9 +7,24 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from eaft_pl.data.base import ChatDataModule
-from eaft_pl.data.chat import Conversation, DataError
+from eaft_pl.data.chat import Conversation, DataError, did_you_mean
 
 __all__ = ["ChatJsonlDataModule", "read_chat_jsonl", "record_to_messages"]
+
+#: The keys a record's layout reads; any other key (ids, tags) is ignored unless it looks like a typo of one.
+RECORD_KEYS = ("messages", "prompt", "response", "system")
+
+
+def _check_near_misses(record: dict, source: str) -> None:
+    """Refuse a key that is not read but is a near miss of one that is (``sytem``): ignoring it would
+    silently drop the system prompt."""
+    absent = [k for k in RECORD_KEYS if k not in record]
+    for key in record:
+        if key in RECORD_KEYS:
+            continue
+        hint = did_you_mean(key, absent, cutoff=0.85)
+        if hint:
+            raise DataError(f"{source}: key {key!r} is not read{hint} Rename it, or remove it if it is data of yours")
 
 
 def record_to_messages(record: Any, source: str) -> List[dict]:
@@ -24,6 +39,7 @@ def record_to_messages(record: Any, source: str) -> List[dict]:
     if "messages" in record:
         return record["messages"]  # validated with the others in encode_conversation
     if "prompt" in record and "response" in record:
+        _check_near_misses(record, source)
         for key in ("prompt", "response", "system"):
             if key in record and not isinstance(record[key], str):
                 raise DataError(f"{source}: '{key}' must be a string, got {type(record[key]).__name__}")
@@ -32,9 +48,10 @@ def record_to_messages(record: Any, source: str) -> List[dict]:
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["response"]},
         ]
+    hints = "".join(did_you_mean(k, [r for r in RECORD_KEYS if r not in record]) for k in record)
     raise DataError(
         f"{source}: found keys {sorted(record)}, expected 'messages' (a list of role/content objects) or "
-        "'prompt' and 'response'"
+        f"'prompt' and 'response'{hints}"
     )
 
 
