@@ -147,7 +147,8 @@ class ChatDataModule(pl.LightningDataModule):
         if not kept:
             raise DataError(
                 f"{split}: no example is left after dropping those without supervised tokens "
-                f"({summary.examples} read); check max_length={self.max_length} and the data"
+                f"({summary.examples} read, first: {', '.join(summary.dropped_sources[:3])}); raise "
+                f"data.init_args.max_length (now {self.max_length}) or shorten the prompts"
             )
         rank_zero_info(
             f"{split}: {summary.kept} examples, {summary.supervised_tokens} supervised of {summary.tokens} tokens, "
