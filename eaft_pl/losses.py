@@ -407,7 +407,7 @@ def gate_option_error(gate: str, option: str, problem: str) -> ValueError:
     return ValueError(f"{gate}: {problem}; set model.init_args.gate.init_args.{option} (in Python: {gate}({option}=...))")
 
 
-def _check_quantile(name: str, q: float, gate: str = "Gate") -> None:
+def _check_quantile(name: str, q: float, gate: str) -> None:
     if not 0.0 <= q <= 1.0:
         raise gate_option_error(gate, name, f"{name} must lie in [0, 1], got {q!r}")
 

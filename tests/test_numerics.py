@@ -196,17 +196,48 @@ def empty_rank_grads(train_file, tokenizer_dir, out, chunk_size, devices, batch_
     trainer.fit(module, datamodule=data)
 
 
+class InfLossOnRankOne(EAFTModule):
+    """Rank 1's loss is inf while its gradients stay finite (an inf added to the loss only): without
+    the flag's all-reduce, rank 1 would skip the step and rank 0 would take it, and the replicas would
+    drift apart."""
+
+    def token_stats(self, batch, **kwargs):
+        stats, weights, total = super().token_stats(batch, **kwargs)
+        return stats, weights, total + float("inf") if self.training and self.global_rank == 1 else total
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.initial = [p.detach().clone() for p in self.parameters()]
+
+    def on_train_end(self):
+        same_as_initial = all(torch.equal(a, b) for a, b in zip(self.initial, self.parameters()))
+        torch.save({"skipped": self.skipped_steps, "unchanged": same_as_initial}, f"{self.out}_{self.global_rank}.pt")
+
+
+def one_rank_inf_loss(train_file, tokenizer_dir, out):
+    pl.seed_everything(0)
+    module = InfLossOnRankOne(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir))
+    module.out = str(out)
+    data = InOrderData(train_file=train_file, tokenizer_name_or_path=str(tokenizer_dir), batch_size=2)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+
+
 @pytest.mark.slow
-def test_a_rank_with_no_supervised_token_neither_hangs_nor_changes_the_gradients(tmp_path, train_file, tokenizer_dir):
-    # The two DDP runs go in a subprocess with a timeout: a hang fails the test instead of blocking CI.
+def test_ddp_an_empty_rank_neither_hangs_nor_changes_the_gradients_and_all_ranks_skip_together(tmp_path, train_file, tokenizer_dir):
+    # The DDP runs go in a subprocess with a timeout: a hang fails the test instead of blocking CI.
     code = textwrap.dedent(
         f"""
         import sys
         sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]
-        from test_numerics import empty_rank_grads
+        from test_numerics import empty_rank_grads, one_rank_inf_loss
         if __name__ == "__main__":
             for chunk in (None, 5):
                 empty_rank_grads({train_file!r}, {str(tokenizer_dir)!r}, {str(tmp_path)!r} + f"/ddp_{{chunk}}.pt", chunk, 2, 2)
+            one_rank_inf_loss({train_file!r}, {str(tokenizer_dir)!r}, {str(tmp_path)!r} + "/inf")
         """
     )
     script = tmp_path / "ddp_empty_rank.py"
@@ -219,3 +250,6 @@ def test_a_rank_with_no_supervised_token_neither_hangs_nor_changes_the_gradients
         assert one.keys() == ddp.keys() and one
         for name in one:
             torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-7, msg=name)
+    # A non-finite loss on one rank only: both ranks skip the step together (one flag, summed).
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"inf_{rank}.pt") == {"skipped": 1, "unchanged": True}, rank
