@@ -475,8 +475,8 @@ class EAFTModule(pl.LightningModule):
         if not bad.item():  # one host sync per optimizer step
             return
         self.skipped_steps += 1
-        # Straight to the loggers, at this step: self.log would make Lightning re-log the last step's
-        # cached train/* values at the skipped step.
+        # Straight to the loggers, at this step: self.log would hold the value until Lightning's next
+        # log_every_n_steps flush and record it at that later step.
         for logger in self.loggers:
             logger.log_metrics({"train/skipped_steps": float(self.skipped_steps)}, step=self.trainer.global_step)
         for p in params:
