@@ -402,9 +402,19 @@ def _resolve_normalizer(normalizer: Normalizer, top_k: int) -> float:
     return float(normalizer)
 
 
-def _check_quantile(name: str, q: float) -> None:
+def gate_option_error(gate: str, option: str, problem: str) -> ValueError:
+    """The error of a bad gate option: names the gate, the option and where it sits in a config."""
+    return ValueError(f"{gate}: {problem}; set model.init_args.gate.init_args.{option} (in Python: {gate}({option}=...))")
+
+
+def _check_quantile(name: str, q: float, gate: str) -> None:
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {q!r}")
+        raise gate_option_error(gate, name, f"{name} must lie in [0, 1], got {q!r}")
+
+
+def _check_power(alpha: float, gate: str) -> None:
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise gate_option_error(gate, "alpha", f"alpha must be >= 0 and finite, got {alpha!r}")
 
 
 class Gate:
@@ -467,9 +477,11 @@ class EAFTGate(Gate):
     token_local = True
 
     def __init__(self, alpha: float = 1.0, normalizer: Normalizer = "log_k") -> None:
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        _resolve_normalizer(normalizer, 20)  # validate early, K is known later
+        _check_power(alpha, type(self).__name__)
+        try:
+            _resolve_normalizer(normalizer, 20)  # validate early, K is known later
+        except ValueError as e:
+            raise gate_option_error(type(self).__name__, "normalizer", str(e)) from None
         self.alpha = float(alpha)
         self.normalizer = normalizer
 
@@ -490,6 +502,10 @@ class SigmoidGate(Gate):
     token_local = True
 
     def __init__(self, steepness: float = 30.0, midpoint: float = 0.17) -> None:
+        if not (steepness > 0 and math.isfinite(steepness)):
+            # <= 0 would up-weight the confident tokens (or weigh all alike): the opposite of the method.
+            raise gate_option_error(type(self).__name__, "steepness", f"steepness must be > 0 and finite, got {steepness!r}")
+        _check_quantile("midpoint", midpoint, type(self).__name__)  # H~ lies in [0, 1]
         self.steepness = float(steepness)
         self.midpoint = float(midpoint)
 
@@ -517,7 +533,7 @@ class EntropyMaskGate(Gate):
     name = "entropy_mask"
 
     def __init__(self, quantile: float = 0.15) -> None:
-        _check_quantile("quantile", quantile)
+        _check_quantile("quantile", quantile, type(self).__name__)
         self.quantile = float(quantile)
 
     def weights(self, stats: TokenStats) -> Tensor:
@@ -539,8 +555,8 @@ class ConflictMaskGate(Gate):
     name = "conflict_mask"
 
     def __init__(self, entropy_quantile: float = 0.15, prob_quantile: float = 0.15) -> None:
-        _check_quantile("entropy_quantile", entropy_quantile)
-        _check_quantile("prob_quantile", prob_quantile)
+        _check_quantile("entropy_quantile", entropy_quantile, type(self).__name__)
+        _check_quantile("prob_quantile", prob_quantile, type(self).__name__)
         self.entropy_quantile = float(entropy_quantile)
         self.prob_quantile = float(prob_quantile)
 

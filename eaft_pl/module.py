@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Dict, List, Literal, Optional, Set, Tuple
 
 import lightning.pytorch as pl
@@ -12,10 +13,11 @@ from torch import Tensor, nn
 
 from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
 from eaft_pl.data.packing import check_packing_support
-from eaft_pl.hub import build_causal_lm, load_causal_lm, load_tokenizer
+from eaft_pl.hub import _dtype, build_causal_lm, load_causal_lm, load_tokenizer
 from eaft_pl.lora import AdapterDisabled, LoRAOptions, apply_lora
 from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
 from eaft_pl.metrics import TokenStatsMetric
+from eaft_pl.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.reference_gates import FLOWGate
 
@@ -103,6 +105,11 @@ class EAFTModule(pl.LightningModule):
             target_modules: all-linear}``. The base model is the adapted one with its adapters off, so
             ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
             the adapters only (and their optimizer state); resuming reloads the base from there.
+        max_skipped_steps: An optimizer step whose loss or gradient holds a NaN or inf is skipped
+            (no weight, moment or step count of AdamW changes; the learning-rate schedule still
+            advances), counted and logged as ``train/skipped_steps``; once more than this many were
+            skipped, training stops with an error naming the step and batch. 0 stops at the first.
+            Under fp16 with a GradScaler, inf gradients are the scaler's to skip and are not counted.
     """
 
     def __init__(
@@ -132,20 +139,32 @@ class EAFTModule(pl.LightningModule):
         reference_kl_coef: float = 0.0,
         reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
         lora: Optional[LoRAOptions] = None,
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (model_config is None):
             raise ValueError("set exactly one of model.init_args.model_name_or_path and model.init_args.model_config")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
             raise ValueError(f"model.init_args.top_k must be >= 2, got {top_k}")
-        if not learning_rate > 0:
-            raise ValueError(f"model.init_args.learning_rate must be > 0, got {learning_rate}")
+        if not (learning_rate > 0 and math.isfinite(learning_rate)):
+            raise ValueError(f"model.init_args.learning_rate must be > 0 and finite, got {learning_rate}")
         if weight_decay < 0:
             raise ValueError(f"model.init_args.weight_decay must be >= 0, got {weight_decay}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"model.init_args.warmup_ratio must lie in [0, 1), got {warmup_ratio}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"model.init_args.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
+            raise ValueError(f"model.init_args.adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+        if not adam_eps > 0:
+            raise ValueError(f"model.init_args.adam_eps must be > 0, got {adam_eps!r}")
+        for name, value in (("conflict_max_norm_entropy", conflict_max_norm_entropy), ("conflict_max_label_prob", conflict_max_label_prob)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"model.init_args.{name} must lie in [0, 1], got {value!r}")
+        if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 0:
+            raise ValueError(f"model.init_args.max_skipped_steps must be an integer >= 0 (0: stop at the first), got {max_skipped_steps!r}")
+        if torch_dtype is not None:
+            _dtype(torch_dtype)  # names model.init_args.torch_dtype; fail before any weight is read
         if loss_normalization not in ("step", "micro_batch"):
             raise ValueError(f"model.init_args.loss_normalization must be 'step' or 'micro_batch', got {loss_normalization!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -200,6 +219,9 @@ class EAFTModule(pl.LightningModule):
         self._loss_divisor = 0.0  # a fixed divisor keeping micro-batch losses near 1 (see training_step)
         self._last_logged_step = 0
         self._step_lr: Optional[float] = None
+        #: Optimizer steps skipped for a non-finite loss or gradient (see ``max_skipped_steps``).
+        self.skipped_steps = 0
+        self._step_batches: List[MicroBatchRecord] = []  # the micro-batches of the step being accumulated
         #: Set by callbacks that read ``TokenStats.logit_grad_norm`` from the outputs of validation/test
         #: steps (e.g. training diagnostics); off by default because it costs another pass over the logits.
         self.eval_grad_norm = False
@@ -291,6 +313,11 @@ class EAFTModule(pl.LightningModule):
         return {f"model.{k}" for k in self.model.state_dict() if k not in trainable}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The divisor is fixed by the run's first micro-batch; a resumed run keeps it so that its
+        # losses and gradients round exactly as the uninterrupted run's. The skip count keeps counting
+        # towards max_skipped_steps across a resume.
+        checkpoint["eaft_loss_divisor"] = self._loss_divisor
+        checkpoint["eaft_skipped_steps"] = self.skipped_steps
         if not self.adapter_only_checkpoints:
             return
         frozen = self._frozen_base_keys()
@@ -298,6 +325,8 @@ class EAFTModule(pl.LightningModule):
         checkpoint[ADAPTER_ONLY_KEY] = self.hparams.model_name_or_path
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._loss_divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
+        self.skipped_steps = int(checkpoint.get("eaft_skipped_steps", 0))
         if ADAPTER_ONLY_KEY not in checkpoint:
             return
         if not self.adapter_only_checkpoints:
@@ -469,20 +498,14 @@ class EAFTModule(pl.LightningModule):
     def on_test_start(self) -> None:
         self._keep_metric_precision()
 
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # The divisor is fixed by the run's first micro-batch; a resumed run keeps it so that its
-        # losses and gradients round exactly as the uninterrupted run's.
-        checkpoint["eaft_loss_divisor"] = self._loss_divisor
-
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        self._loss_divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
-
     def on_train_start(self) -> None:
         # Log the first step after this one (also right after a resume), with all its micro-batches.
         self._last_logged_step = self.trainer.global_step
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         stats, weights, weighted_sum = self.token_stats(batch)
+        # A device flag, read only when the step's check fails (reading it here would sync every batch).
+        self._step_batches.append(MicroBatchRecord(batch_idx, torch.isfinite(weighted_sum.detach()), batch.get("sources")))
         self.train_metrics.update(stats, weights)
         if stats.reference is not None and "kl" in stats.reference and stats.num_tokens:
             self.log("train/kl", stats.reference["kl"].mean(), on_step=True, on_epoch=False, batch_size=stats.num_tokens)
@@ -509,6 +532,10 @@ class EAFTModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves after)
+        self._normalise_step_gradients()
+        self._skip_nonfinite_step()
+
+    def _normalise_step_gradients(self) -> None:
         if self.hparams.loss_normalization != "step":
             return
         if self._step_tokens == -1:  # normalised in training_step
@@ -524,6 +551,48 @@ class EAFTModule(pl.LightningModule):
         if grads:
             # A python float keeps the scale exact for bf16 gradients (a bf16 tensor would round it).
             torch._foreach_mul_(grads, scale)
+
+    def _skip_nonfinite_step(self) -> None:
+        """Skip the optimizer step if any rank's loss or gradient is non-finite; stop past the limit.
+
+        Every rank takes the same decision (the flag is summed over ranks), so none waits for another
+        in the next collective. Setting each gradient to None makes AdamW skip every parameter: no
+        weight, moment or step count moves. Lightning still steps the LR scheduler and counts the
+        step in ``global_step``: the schedule stays a function of ``global_step``, as a resumed run
+        expects, and a skipped step costs its data and its share of the schedule, nothing else.
+        """
+        records, self._step_batches = self._step_batches, []
+        params = [p for p in self.parameters() if p.grad is not None]
+        finite = torch.stack([r.loss_finite for r in records]).all() if records else torch.tensor(True)
+        # With a GradScaler (fp16) inf gradients are routine overflow that the scaler skips and
+        # answers by lowering its scale: counting them here would count them twice.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            finite = finite & all_finite([p.grad for p in params])
+        bad = (~finite).to(device=self.device, dtype=torch.float32)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.item():  # one host sync per optimizer step
+            return
+        self.skipped_steps += 1
+        # Straight to the loggers, at this step: self.log would hold the value until Lightning's next
+        # log_every_n_steps flush and record it at that later step.
+        for logger in self.loggers:
+            logger.log_metrics({"train/skipped_steps": float(self.skipped_steps)}, step=self.trainer.global_step)
+        for p in params:
+            p.grad = None
+        self.train_metrics.reset()  # the step's statistics hold the NaN; it is not logged
+        message = describe_nonfinite_step(
+            self.trainer.global_step,
+            self.current_epoch,
+            records,
+            self.global_rank,
+            self.trainer.world_size,
+            self.skipped_steps,
+            self.hparams.max_skipped_steps,
+        )
+        if self.skipped_steps > self.hparams.max_skipped_steps:
+            raise NonFiniteStepError(f"training stopped after {self.skipped_steps} skipped steps; last: {message}")
+        warnings.warn(message, stacklevel=2)  # on every rank: the rank with the bad batch names it
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step moved: an optimizer step ended with this micro-batch, so the metric holds exactly

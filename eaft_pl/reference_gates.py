@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from eaft_pl.losses import EAFTGate, Gate, Normalizer, TokenStats, _check_quantile
+from eaft_pl.losses import EAFTGate, Gate, Normalizer, TokenStats, _check_power, _check_quantile, gate_option_error
 
 __all__ = [
     "confident_conflict_mask",
@@ -66,8 +66,7 @@ class StaticEAFTGate(Gate):
     needs_reference = True
 
     def __init__(self, alpha: float = 1.0) -> None:
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        _check_power(alpha, type(self).__name__)
         self.alpha = float(alpha)
 
     def weights(self, stats: TokenStats) -> Tensor:
@@ -89,8 +88,8 @@ class StaticConflictMaskGate(Gate):
     needs_reference = True
 
     def __init__(self, max_norm_entropy: float = 0.17, max_label_prob: float = 0.1) -> None:
-        _check_quantile("max_norm_entropy", max_norm_entropy)
-        _check_quantile("max_label_prob", max_label_prob)
+        _check_quantile("max_norm_entropy", max_norm_entropy, type(self).__name__)
+        _check_quantile("max_label_prob", max_label_prob, type(self).__name__)
         self.max_norm_entropy = float(max_norm_entropy)
         self.max_label_prob = float(max_label_prob)
 
@@ -145,8 +144,8 @@ class FLOWGate(Gate):
     needs_reference = True
 
     def __init__(self, tau: Optional[float] = None) -> None:
-        if tau is not None and not tau > 0:
-            raise ValueError(f"tau must be > 0 or null, got {tau!r}")
+        if tau is not None and not (tau > 0 and math.isfinite(tau)):
+            raise gate_option_error(type(self).__name__, "tau", f"tau must be > 0 and finite, or null, got {tau!r}")
         self.tau = tau
 
     def weights(self, stats: TokenStats) -> Tensor:

@@ -141,67 +141,7 @@ def test_datamodule_counts_and_reports_examples_truncated_to_nothing(tmp_path, t
     assert batch["input_ids"].shape[0] == 2 and batch["labels"].dtype == torch.long
 
 
-def test_datamodule_refuses_a_split_with_nothing_left(tmp_path, tokenizer_dir):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "z" * 200, "response": "lost"}])
-    dm = ChatJsonlDataModule(train_file=train, tokenizer_name_or_path=str(tokenizer_dir), max_length=32)
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="no example is left"):
-        dm.setup("fit")
-
-
-BAD_LINES = [
-    ('{"messages": [', "invalid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ('{"mesages": []}', "found keys \\['mesages'\\], expected 'messages'"),
-    ('{"prompt": "only a prompt"}', "expected 'messages'"),
-    ('{"prompt": 3, "response": "r"}', "'prompt' must be a string"),
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "user"}]}', "lacks \\['content'\\]"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": ["x"]}]}', "'content' must be a string"),
-    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}', "empty assistant turn"),
-    ('{"messages": [{"role": "assistant", "content": "x"}]}', "a prompt must come first"),
-]
-
-
-@pytest.mark.parametrize("line, match", BAD_LINES)
-def test_malformed_input_names_the_file_and_line(tmp_path, tokenizer_dir, line, match):
-    good = json.dumps({"prompt": "p", "response": "r"})
-    path = tmp_path / "bad.jsonl"
-    path.write_text(f"{good}\n{line}\n{good}\n")
-    dm = ChatJsonlDataModule(train_file=str(path), tokenizer_name_or_path=str(tokenizer_dir))
-    with pytest.raises(DataError, match=match) as err:
-        dm.setup("fit")
-    assert f"{path}:2" in str(err.value)
-
-
-def test_undecodable_bytes_name_the_line(tmp_path):
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n')
-    with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8"):
-        read_chat_jsonl(str(path))
-
-
-def test_empty_and_missing_files(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(DataError, match="holds no conversation"):
-        read_chat_jsonl(str(empty))
-    with pytest.raises(DataError, match="no such file"):
-        read_chat_jsonl(str(tmp_path / "missing.jsonl"))
-
-
-def test_a_tokenizer_without_chat_template_needs_one(tmp_path):
-    tok = build_char_tokenizer(chat_template=None)
-    tok.save_pretrained(tmp_path / "tok")
-    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "response": "r"}])
-    dm = ChatJsonlDataModule(train_file=train, tokenizer_name_or_path=str(tmp_path / "tok"))
-    with pytest.raises(DataError, match="has no chat template; set data.init_args.chat_template"):
-        dm.setup("fit")
-    # Supplying one in the config fixes it.
-    dm = ChatJsonlDataModule(train_file=train, tokenizer_name_or_path=str(tmp_path / "tok"), chat_template=LLAMA3_LIKE)
-    dm.setup("fit")
-    assert dm.summary["train"]["kept"] == 1
+# Malformed lines, bad files and a missing chat template: tests/test_bad_input.py.
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(char_tokenizer):
@@ -224,13 +164,6 @@ def test_a_template_that_raises_names_the_source(char_tokenizer):
     conv = Conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}], "f.jsonl:3")
     with pytest.raises(DataError, match="f.jsonl:3: the chat template refused this conversation: Conversation roles must alternate"):
         encode_conversation(char_tokenizer, conv, 512, chat_template=strict)
-
-
-def test_bad_datamodule_options_are_refused(tokenizer_dir):
-    with pytest.raises(ValueError, match="data.init_args.max_length must be >= 1"):
-        ChatJsonlDataModule(tokenizer_name_or_path=str(tokenizer_dir), max_length=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        ChatJsonlDataModule(tokenizer_name_or_path=str(tokenizer_dir), batch_size=0)
 
 
 def test_jsonl_layout_columns_and_system_prompt(tmp_path, tokenizer_dir):

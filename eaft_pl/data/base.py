@@ -73,6 +73,10 @@ class ChatDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.init_args.{name} must be >= 1, got {value}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"data.init_args.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"data.init_args.pad_to_multiple_of must be >= 1 or null, got {pad_to_multiple_of}")
+        if num_workers < 0:
+            raise ValueError(f"data.init_args.num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.max_length = max_length
         self.batch_size = batch_size
@@ -160,7 +164,8 @@ class ChatDataModule(pl.LightningDataModule):
         if not kept:
             raise DataError(
                 f"{split}: no example is left after dropping those without supervised tokens "
-                f"({summary.examples} read); check max_length={self.max_length} and the data"
+                f"({summary.examples} read, first: {', '.join(summary.dropped_sources[:3])}); raise "
+                f"data.init_args.max_length (now {self.max_length}) or shorten the prompts"
             )
         rank_zero_info(
             f"{split}: {summary.kept} examples, {summary.supervised_tokens} supervised of {summary.tokens} tokens, "

@@ -10,6 +10,7 @@ tokenizer's offsets; a token is supervised when it starts inside a span.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "EncodedExample",
     "ExampleStats",
     "validate_messages",
+    "did_you_mean",
     "assistant_char_spans",
     "encode_conversation",
     "collate",
@@ -82,6 +84,13 @@ class EncodedExample:
         return ExampleStats(self.source, len(self.input_ids), self.num_supervised, self.truncated)
 
 
+def did_you_mean(given: str, known: Sequence[str], cutoff: float = 0.75) -> str:
+    """``"; did you mean 'x'?"`` when ``given`` is a near miss of one of ``known`` (a misspelled key or
+    role), else ``""``: a hint for an error message, from :func:`difflib.get_close_matches`."""
+    match = difflib.get_close_matches(str(given), list(known), n=1, cutoff=cutoff)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
 #: Keys a message may carry besides ``role`` and ``content``, by role: what chat templates of tool-using
 #: and reasoning models read (Qwen3, Llama 3.1+, Mistral, GLM-4). Anything else is refused, not dropped.
 OPTIONAL_KEYS = {
@@ -125,10 +134,11 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, Any]]:
             raise DataError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
-            raise DataError(f"{where} lacks {missing} (has {sorted(m)}); every message needs 'role' and 'content'")
+            hints = "".join(did_you_mean(k, missing) for k in m if k not in ("role", "content"))
+            raise DataError(f"{where} lacks {missing} (has {sorted(m)}); every message needs 'role' and 'content'{hints}")
         role, content = m["role"], m["content"]
         if role not in ROLES:
-            raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}")
+            raise DataError(f"{where}: unknown role {role!r}; use one of {list(ROLES)}{did_you_mean(role, ROLES)}")
         allowed = OPTIONAL_KEYS[role]
         # Columnar datasets give every message every key seen in the column, None where absent.
         unknown = sorted(k for k in set(m) - {"role", "content", *allowed} if m[k] is not None)
@@ -137,6 +147,7 @@ def validate_messages(messages: Any, source: str) -> List[Dict[str, Any]]:
                 f"{where}: unknown key(s) {unknown} on a {role} message; it may carry 'role', 'content'"
                 + (f" and {list(allowed)}" if allowed else "")
                 + " (rename or remove the others: eaft-pl does not drop data silently)"
+                + "".join(did_you_mean(k, ("role", "content", *allowed)) for k in unknown)
             )
         calls = m.get("tool_calls")
         if calls is not None:

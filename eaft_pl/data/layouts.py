@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, get_args
 
-from eaft_pl.data.chat import Conversation, DataError
+from eaft_pl.data.chat import Conversation, DataError, did_you_mean
 
 __all__ = ["LAYOUTS", "LAYOUT_FIELDS", "LayoutName", "SHAREGPT_ROLES", "RecordLayout"]
 
@@ -140,11 +140,26 @@ class RecordLayout:
             if all(_present(record, self.key(f)) for f in required):
                 return name
         renamed = f" (after renaming with columns {self.columns})" if self.columns else ""
+        fields = sorted({self.key(f) for name in LAYOUT_FIELDS for group in LAYOUT_FIELDS[name] for f in group})
+        hints = "".join(did_you_mean(k, [f for f in fields if f not in record]) for k in record)
         raise DataError(
             f"{source}: found keys {sorted(record)}, expected "
             + ", ".join(_WHAT[n] for n in LAYOUT_FIELDS)
-            + f"{renamed}; map your keys with {self.option_prefix}columns, or set {self.option_prefix}layout"
+            + f"{renamed}; map your keys with {self.option_prefix}columns, or set {self.option_prefix}layout{hints}"
         )
+
+    def _check_near_misses(self, record: Mapping[str, Any], layout: str, source: str) -> None:
+        """Refuse a key the layout does not read that is a near miss of one it reads but did not find
+        (``sytem``): ignoring it would silently drop that field. Other extra keys (ids, tags) are fine."""
+        read = [self.key(f) for group in LAYOUT_FIELDS[layout] for f in group]
+        absent = [k for k in read if not _present(record, k)]
+        for key in record:
+            hint = did_you_mean(key, absent, cutoff=0.85) if key not in read else ""
+            if hint:
+                raise DataError(
+                    f"{source}: key {key!r} is not read by layout '{layout}'{hint} Rename it (or map it with "
+                    f"{self.option_prefix}columns), or remove it if it is data of yours"
+                )
 
     def to_conversation(self, record: Any, source: str) -> Conversation:
         """Turn one record into a :class:`Conversation`: its messages and, if the record has them,
@@ -180,6 +195,7 @@ class RecordLayout:
                     f"{sorted(record)}. Name the right key with {self.option_prefix}columns, e.g. "
                     f"{{'{field}': '<your key>'}}, or choose another {self.option_prefix}layout"
                 )
+        self._check_near_misses(record, layout, source)
         values = {f: record.get(self.key(f)) for f in (*required, *optional)}
         messages = _CONVERTERS[layout](self, values, source)
         if self.system_prompt is not None and isinstance(messages, list) and not _has_system(messages):
