@@ -12,6 +12,10 @@ Memory (rank zero): the copy itself (every weight once, in its training dtype un
 otherwise, on ``device``) plus one FSDP unit's full weights at a time on the accelerator while it is
 copied (a decoder layer, or the root unit with the embeddings and the LM head). Nothing is gathered
 twice and no random initialisation is spent on the copy. The other ranks hold one unit at a time.
+FSDP's ``offload_to_cpu`` is not used: with one unit gathered at a time, the accelerator never holds
+more than the largest unit, and each weight goes straight to ``device``. Buffers are copied as the
+training model holds them (under Lightning's ``bf16-mixed`` FSDP casts them to bf16, rotary
+frequencies included), so the copy computes what the sharded model computes.
 """
 
 from __future__ import annotations
