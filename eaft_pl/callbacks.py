@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from eaft_pl.export import export_hf_folder
+from eaft_pl.sharded import gather_full_model
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["TokenStatsWriter", "SaveHFModel"]
@@ -80,7 +81,9 @@ class SaveHFModel(pl.Callback):
     (``save_pretrained``) that ``AutoModelForCausalLM.from_pretrained`` (or ``model_name_or_path``)
     loads. A LoRA model is written with its adapters merged into the base weights, so the folder needs
     no peft; the training model is left as it is. The folder is written under a temporary name and
-    renamed, so it is complete or absent, and replaced if it exists. Rank zero writes it.
+    renamed, so it is complete or absent, and replaced if it exists. Rank zero writes it; under FSDP
+    every rank first helps gather the full weights into a CPU copy on rank zero
+    (:func:`eaft_pl.sharded.gather_full_model`), and the ranks leave the hook once the folder exists.
 
     Args:
         dirpath: Folder to write; by default ``hf`` next to the run's checkpoint folder
@@ -103,9 +106,11 @@ class SaveHFModel(pl.Callback):
         return os.path.join(trainer.default_root_dir, "hf")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        dirpath = self.resolve_dirpath(trainer)
-        export_hf_folder(pl_module, dirpath, save_adapter=self.save_adapter)
-        for logger in mlflow_loggers(trainer):
-            logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(dirpath))
+        model = gather_full_model(trainer.strategy, pl_module.model, device="cpu")  # a collective under FSDP
+        if model is not None:
+            dirpath = self.resolve_dirpath(trainer)
+            export_hf_folder(pl_module, dirpath, save_adapter=self.save_adapter, model=model)
+            del model  # the FSDP copy: free it before the other callbacks run
+            for logger in mlflow_loggers(trainer):
+                logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(dirpath))
+        trainer.strategy.barrier("save_hf_model")  # the folder exists when any rank goes on

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,9 @@ from torch import Tensor
 
 from eaft_pl.diagnostics import quantile_threshold
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
+from eaft_pl.lora import AdapterDisabled
 from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.sharded import gather_full_model, refuse_unsupported_sharding
 
 __all__ = ["tied_quantile_threshold", "CohortThresholds", "cohort_means", "ConflictCohortCallback"]
 
@@ -69,6 +72,25 @@ def cohort_means(conflict: Tensor, values: Dict[str, Tensor]) -> Dict[str, float
     return out
 
 
+@contextmanager
+def scoring_with(pl_module: Any, model: Any) -> Iterator[None]:
+    """Let ``pl_module.token_stats`` run ``model`` (a gathered copy of ``pl_module.model``) in place of
+    the module's own model, and the LoRA reference (the adapters switched off) on the copy too."""
+    if model is pl_module.model:
+        yield
+        return
+    own_model, own_frozen = pl_module.model, getattr(pl_module, "_frozen", None)
+    pl_module.model = model
+    if own_frozen and isinstance(own_frozen[0], AdapterDisabled):
+        pl_module._frozen = [AdapterDisabled(model)]
+    try:
+        yield
+    finally:
+        pl_module.model = own_model
+        if own_frozen is not None:
+            pl_module._frozen = own_frozen
+
+
 class ConflictCohortCallback(PeriodicEvaluation):
     """Tracks the base model's confident conflicts (and the other tokens) through training.
 
@@ -86,7 +108,8 @@ class ConflictCohortCallback(PeriodicEvaluation):
     - ``cohort/<c>/tokens``: the cohort's size.
 
     The records are also kept in :attr:`history`, and the callback's own wall time in :attr:`seconds`
-    (the README quotes it against the training time).
+    (the README quotes it against the training time). Scoring runs on rank zero; under FSDP every rank
+    first helps gather the full weights into a copy there (:func:`eaft_pl.sharded.gather_full_model`).
 
     Args:
         enabled: Set to false to switch the tracking off.
@@ -193,9 +216,12 @@ class ConflictCohortCallback(PeriodicEvaluation):
         step = trainer.global_step
         if not self.enabled or not self._new_step(step):
             return
-        if trainer.is_global_zero:
-            start = time.perf_counter()
-            weight, label_prob, norm_entropy = self._score(pl_module)
+        start = time.perf_counter()
+        model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
+        if model is not None:
+            with scoring_with(pl_module, model):
+                weight, label_prob, norm_entropy = self._score(pl_module)
+            del model
             if self._conflict is None:  # the base: fix the thresholds and the cohorts once
                 self.thresholds = self._fix_thresholds(pl_module, label_prob, norm_entropy)
                 self._conflict = self.thresholds.mask(norm_entropy, label_prob)
@@ -218,6 +244,7 @@ class ConflictCohortCallback(PeriodicEvaluation):
             return
         if not hasattr(pl_module, "token_stats"):
             raise ValueError(f"ConflictCohortCallback scores tokens with EAFTModule.token_stats; {type(pl_module).__name__} has none")
+        refuse_unsupported_sharding(trainer.strategy, "ConflictCohortCallback")
         if trainer.global_step > 0:
             rank_zero_warn(
                 f"ConflictCohortCallback: training resumes at step {trainer.global_step}, so the cohorts are fixed "

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -42,7 +42,9 @@ def merged_copy(peft_model: nn.Module) -> nn.Module:
     return clone.merge_and_unload()
 
 
-def export_hf_folder(module: Any, output_dir: Union[str, Path], save_adapter: bool = False) -> Path:
+def export_hf_folder(
+    module: Any, output_dir: Union[str, Path], save_adapter: bool = False, model: Optional[nn.Module] = None
+) -> Path:
     """Write ``module.model`` (merged when it carries LoRA adapters) and ``module.tokenizer`` to
     ``output_dir`` with ``save_pretrained``. The folder is written under a temporary name next to it
     and renamed, so it is complete or absent; an existing folder is replaced.
@@ -52,18 +54,22 @@ def export_hf_folder(module: Any, output_dir: Union[str, Path], save_adapter: bo
         output_dir: The folder to write.
         save_adapter: With LoRA, also write the adapters alone (PEFT's ``save_pretrained``) under
             ``<output_dir>/adapter``.
+        model: What to write instead of ``module.model``: a private copy of it, such as
+            :func:`eaft_pl.sharded.gather_full_model` makes under FSDP. Being a copy, it is merged in
+            place (no second copy) and unusable afterwards.
     """
     if module.model is None:
         raise ValueError("export: the model is not built (call configure_model or build_model first)")
+    private = model is not None and model is not module.model
     output = Path(output_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
-        model = module.model
+        model = model if private else module.model
         if is_peft_model(model):
-            merged_copy(model).save_pretrained(tmp)
-            if save_adapter:
+            if save_adapter:  # before merging: a merged copy has no adapters left
                 model.save_pretrained(tmp / ADAPTER_SUBDIR)
+            (model.merge_and_unload() if private else merged_copy(model)).save_pretrained(tmp)
         else:
             if save_adapter:
                 raise ValueError("export: save_adapter needs a LoRA model (model.init_args.lora)")

@@ -9,10 +9,9 @@ ranks by re-running the script (Lightning's subprocess launcher), which a pytest
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_LLAMA  # noqa: E402
 from eaft_pl import ChatJsonlDataModule, EAFTModule  # noqa: E402
 from eaft_pl.losses import EAFTGate  # noqa: E402
+from eaft_pl.sharded import unwrapped_name  # noqa: E402
 
 # Supervised tokens per example: 3, 4, 32, 62 | 5, 12, 22, 42. Two ranks take the even and the odd
 # examples: 35 against 66 tokens in step 1, 27 against 54 in step 2, so per-rank means differ from
@@ -91,9 +91,8 @@ class RecordingModule(EAFTModule):
         root = self.trainer.strategy.model
         if not isinstance(root, FullyShardedDataParallel):
             return {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        wrappers = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
         with FullyShardedDataParallel.summon_full_params(root, writeback=False):
-            return {wrappers.sub("", n): p.detach().clone() for n, p in self.model.named_parameters()}
+            return {unwrapped_name(n): p.detach().clone() for n, p in self.model.named_parameters()}
 
     def on_train_end(self) -> None:
         params = self._weights()
@@ -113,10 +112,13 @@ def recorded_fit(
     normalization: str = "step",
     chunk_size: Optional[int] = None,
     gradient_clip_val: Optional[float] = None,
+    callbacks: Sequence[pl.Callback] = (),
+    lora: Optional[Dict[str, Any]] = None,
+    data_class: type = InOrderData,
 ) -> Dict[str, Any]:
-    """Fit ``STEPS`` optimizer steps of the tiny Llama on ``train_file`` and return the record
-    (``logged``: a dict per step, ``grads``: a dict per step, ``initial`` and ``params``: the
-    weights before and after)."""
+    """Fit ``STEPS`` optimizer steps of the tiny Llama (with ``lora``: LoRA options, its adapters) on
+    ``train_file`` and return the record (``logged``: a dict per step, ``grads``: a dict per step,
+    ``initial`` and ``params``: the weights before and after)."""
     pl.seed_everything(0)
     module = RecordingModule(
         model_config=TINY_LLAMA,
@@ -125,10 +127,11 @@ def recorded_fit(
         loss_normalization=normalization,
         chunk_size=chunk_size,
         learning_rate=1e-3,  # large enough that two AdamW steps move every weight visibly
+        lora=lora,
     )
     module.record_path = str(record_path)  # instance attributes travel to spawned ranks
     module.keep_grads = not type(strategy).__name__.endswith("FSDPStrategy")  # FSDP's are shards
-    data = InOrderData(train_file=str(train_file), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
+    data = data_class(train_file=str(train_file), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
         max_steps=STEPS,
         accumulate_grad_batches=accumulate,
@@ -141,6 +144,7 @@ def recorded_fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,  # InOrderData deals the examples itself
+        callbacks=list(callbacks),
     )
     trainer.fit(module, datamodule=data)
     return torch.load(record_path) if trainer.is_global_zero else {}

@@ -10,6 +10,7 @@ import torch
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
+from eaft_pl.sharded import gather_full_model
 
 __all__ = ["ForgettingCallback", "suite_averages", "forgetting"]
 
@@ -50,7 +51,10 @@ class ForgettingCallback(PeriodicEvaluation):
     - ``gain/<suite>/<metric>``: current minus base, for the domain suites.
 
     The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` on
-    the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait.
+    the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait. Under
+    FSDP every rank first helps gather the full weights into a copy on rank zero's device
+    (:func:`eaft_pl.sharded.gather_full_model`: rank zero then holds the whole model once more while
+    it evaluates); DeepSpeed and ModelParallel are refused.
 
     Args:
         every_n_steps: Evaluate every this many optimizer steps (0: only at the start and the end).
@@ -71,15 +75,19 @@ class ForgettingCallback(PeriodicEvaluation):
         step = trainer.global_step
         if not self._new_step(step):  # only rank zero fills `history`; every rank reaches the barrier
             return
-        if trainer.is_global_zero:
-            was_training = pl_module.training
-            pl_module.eval()
-            with torch.no_grad():
-                scores: Scores = {
-                    suite: {task.name: task.evaluate(pl_module.model, pl_module.tokenizer, self.batch_size) for task in tasks}
-                    for suite, tasks in self._suites.items()
-                }
-            pl_module.train(was_training)
+        model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
+        if model is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    scores: Scores = {
+                        suite: {task.name: task.evaluate(model, pl_module.tokenizer, self.batch_size) for task in tasks}
+                        for suite, tasks in self._suites.items()
+                    }
+            finally:
+                model.train(was_training)
+            del model  # the FSDP copy: free it before training goes on
             self.history.append({"step": step, "scores": scores})
             self._log(trainer, step, scores)
         trainer.strategy.barrier("forgetting_eval")

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from eaft_pl.evaluation.forgetting import forgetting
 from eaft_pl.evaluation.harness_results import lower_is_better, primary_scores, safe_name, task_scores
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
+from eaft_pl.sharded import gather_full_model
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "scores_record"]
@@ -105,7 +106,9 @@ class LMEvalCallback(PeriodicEvaluation):
     ``lm_eval_version``. Everything is also kept in :attr:`history`.
 
     Evaluation runs on rank zero while the other ranks wait at a barrier (raise DDP's process-group
-    timeout for long suites); sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused. The
+    timeout for long suites). Under FSDP every rank first helps gather the whole model into a copy
+    on rank zero's device (:func:`eaft_pl.sharded.gather_full_model`), which lm-eval then scores;
+    DeepSpeed and ModelParallel are refused. The
     model is given back in the train/eval mode each submodule had, the training tokenizer is left
     untouched (HFLM works on a copy), and the random state of Python, NumPy and torch is restored
     after lm-eval seeds it, so training goes on as it would have without the evaluation.
@@ -240,9 +243,13 @@ class LMEvalCallback(PeriodicEvaluation):
         step = trainer.global_step
         if not self._new_step(step):  # every rank keeps the counter, so every rank reaches the barrier
             return
-        if trainer.is_global_zero:
+        # Under FSDP every rank helps gather the whole model into a copy on rank zero; elsewhere this is
+        # the training model itself on rank zero and None on the other ranks.
+        model = gather_full_model(trainer.strategy, pl_module.model)
+        if model is not None:
             start = time.perf_counter()
-            results = self.run(pl_module.model, pl_module.tokenizer)
+            results = self.run(model, pl_module.tokenizer)
+            del model  # the FSDP copy: free it before training goes on
             record = {"step": step, "seconds": time.perf_counter() - start, **scores_record(results)}
             self.history.append(record)
             self._log(trainer, record, results)

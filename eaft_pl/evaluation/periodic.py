@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from eaft_pl.sharded import refuse_unsupported_sharding
+
 __all__ = ["PeriodicEvaluation", "kept_modes"]
 
 
@@ -48,14 +50,11 @@ class PeriodicEvaluation(Callback):
 
     def _check_base_run(self, trainer: pl.Trainer) -> None:
         """For callbacks that score the whole model on rank zero and measure forgetting against the
-        scores taken at the start: refuse sharded strategies, warn when training resumes."""
-        name, strategy = type(self).__name__, type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
-            # A forward pass of a sharded model on rank zero alone would wait for the other ranks.
-            raise ValueError(
-                f"{name} evaluates on rank zero and cannot run under {strategy} (the model is sharded); use "
-                "DDP, or evaluate a saved Hugging Face folder after training"
-            )
+        scores taken at the start: refuse the sharded strategies the gather does not serve (DeepSpeed,
+        ModelParallel), warn when training resumes."""
+        name = type(self).__name__
+        # FSDP is served by gathering the model on rank zero (eaft_pl.sharded); the others are refused.
+        refuse_unsupported_sharding(trainer.strategy, name)
         if trainer.global_step > 0:
             rank_zero_warn(
                 f"{name}: training resumes at step {trainer.global_step}, so the scores taken now (the reference "

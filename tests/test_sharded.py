@@ -1,0 +1,154 @@
+"""The whole model on rank zero under FSDP (eaft_pl/sharded.py) and the rank-zero callbacks that use
+it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP process in this process for
+the copy itself (tied weights, dtype), two CPU processes over gloo for the callbacks."""
+
+import functools
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import REPO, TINY_LLAMA
+from eaft_pl.evaluation.forgetting import ForgettingCallback
+from eaft_pl.sharded import gather_full_model, unwrapped_name
+from gather_fit import VARIANTS, gather_fit
+from scale_fit import write_records
+
+
+def tiny_model(**config):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**TINY_LLAMA, "vocab_size": 64, **config}))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one process: FSDP wraps (root + one unit per layer) and summons for
+    real, without spawning; with one rank there is nothing to shard (the 2-process test gathers)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class Holder(torch.nn.Module):
+    """Stands in for the LightningModule that Lightning's FSDP wraps: the model is one of its children."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def fsdp_strategy(model):
+    layer = type(model.model.layers[0])
+    root = FullyShardedDataParallel(Holder(model), auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True)
+    return SimpleNamespace(model=root, is_global_zero=True, root_device=torch.device("cpu"))
+
+
+def test_wrapper_parts_leave_the_names():
+    name = "_fsdp_wrapped_module.model.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight"
+    assert unwrapped_name(name) == "model.model.layers.0.mlp.up_proj.weight"
+
+
+def test_without_sharding_rank_zero_gets_the_model_itself_and_the_others_nothing():
+    model = tiny_model()
+    assert gather_full_model(SimpleNamespace(model=model, is_global_zero=True), model) is model
+    assert gather_full_model(SimpleNamespace(model=model, is_global_zero=False), model) is None
+
+
+@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_unsupported_sharding_is_refused_by_name(strategy):
+    fake = type(strategy, (), {"model": None, "is_global_zero": True})()
+    with pytest.raises(ValueError, match=f"ForgettingCallback .* under {strategy}"):
+        ForgettingCallback().on_train_start(SimpleNamespace(strategy=fake, global_step=0), None)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_copy_holds_the_full_weights_and_keeps_ties(one_rank_group, tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs = torch.tensor([[3, 5, 7, 11]])
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits
+    strategy = fsdp_strategy(model)
+    assert sum(isinstance(m, FullyShardedDataParallel) for m in strategy.model.modules()) == 1 + TINY_LLAMA["num_hidden_layers"]
+    copy = gather_full_model(strategy, model)
+    assert copy is not model and type(copy) is type(model) and not copy.training
+    got = dict(copy.named_parameters())
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert (copy.lm_head.weight is copy.model.embed_tokens.weight) is tied
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=inputs).logits, logits, rtol=0, atol=1e-6)  # buffers (rotary) too
+    half = gather_full_model(strategy, model, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+# ---- the callbacks under FSDP on 2 CPU processes ------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def single_process_results(tokenizer_dir, monkeypatch):
+    monkeypatch.setattr("torch.utils.collect_env.get_pretty_env_info", lambda: "skipped in tests")
+    tmp = Path(tempfile.mkdtemp(prefix="gather-ref-"))
+    train = write_records(tmp / "train.jsonl")
+    return tmp, {v: gather_fit(tmp / v, Path(tokenizer_dir), train, options) for v, options in VARIANTS.items()}
+
+
+def same_numbers(a, b):
+    """Nested scores/cohort records equal to float rounding (NaN for an empty cohort equals NaN)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_numbers(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b if isinstance(a, (int, str)) else math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_fsdp_export_and_rank_zero_evaluations_equal_one_process(tmp_path, tokenizer_dir, monkeypatch):
+    """Under 2-process FSDP, full fine-tuning and LoRA: the exported folder holds the gathered trained
+    weights, loads with from_pretrained and equals the unsharded run's; the forgetting scores and the
+    cohort records and the lm-eval scores at every step equal the unsharded run's (and nothing hangs)."""
+    train = write_records(tmp_path / "train.jsonl")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "gather_fit.py"), str(tmp_path), str(tokenizer_dir), str(train)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    single_dir, singles = single_process_results(str(tokenizer_dir), monkeypatch)
+    for variant, single in singles.items():
+        fsdp = torch.load(tmp_path / variant / "result.pt", weights_only=False)
+        assert len(fsdp["forgetting"]) == 3 and same_numbers(fsdp["forgetting"], single["forgetting"]), variant
+        assert len(fsdp["cohort"]) == 3 and same_numbers(fsdp["cohort"], single["cohort"]), variant
+        assert fsdp["cohort"][0]["cohort/conflict/tokens"] > 0  # both cohorts are scored
+        assert len(fsdp["lm_eval"]) == 3 and same_numbers(fsdp["lm_eval"], single["lm_eval"]), variant
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / variant / "hf").state_dict()
+        reference = AutoModelForCausalLM.from_pretrained(single_dir / variant / "hf").state_dict()
+        assert exported.keys() == reference.keys()
+        for name, value in exported.items():
+            torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6, msg=f"{variant}: {name}")
+        if variant == "full":  # the folder holds exactly what FSDP's own summon_full_params shows
+            for name, value in fsdp["params"].items():
+                assert torch.equal(exported[name], value), name
+            assert max((v - fsdp["initial"][n]).abs().max() for n, v in fsdp["params"].items()) > 1e-4  # trained
+        else:
+            adapters = load_file(tmp_path / variant / "hf" / "adapter" / "adapter_model.safetensors")
+            expected = load_file(single_dir / variant / "hf" / "adapter" / "adapter_model.safetensors")
+            assert adapters.keys() == expected.keys() and adapters
+            for name, value in adapters.items():
+                torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
