@@ -11,8 +11,10 @@ activation checkpointing, so one config serves Llama, Qwen, Gemma, ... alike.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, List, Optional, Set, Type
 
+import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -82,6 +84,17 @@ class RootClipFSDPPrecision(FSDPPrecision):
         super().__init__(precision, scaler)
         #: The root ``FullyShardedDataParallel`` module, set when the strategy wraps the model.
         self.root: Optional[nn.Module] = None
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        """Lightning's FSDP mixed precision, with the buffers kept in float32.
+
+        Lightning casts buffers to the compute dtype too. For a Hugging Face model that rounds the
+        rotary embedding's ``inv_freq`` to bf16 at the first forward (measured: float32 before, bf16
+        after), so position angles drift at long contexts, unlike under DDP, where buffers keep their
+        dtype. Buffers are few and small; keeping them in float32 costs nothing that matters.
+        """
+        return dataclasses.replace(super().mixed_precision_config, buffer_dtype=torch.float32)
 
     def clip_grad_by_norm(self, optimizer: Any, clip_val: float, norm_type: float = 2.0) -> None:
         if self.root is None:

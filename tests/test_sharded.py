@@ -2,6 +2,7 @@
 it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP process in this process for
 the copy itself (tied weights, dtype), two CPU processes over gloo for the callbacks."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -152,3 +153,31 @@ def test_fsdp_export_and_rank_zero_evaluations_equal_one_process(tmp_path, token
             assert adapters.keys() == expected.keys() and adapters
             for name, value in adapters.items():
                 torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+class Forwarding(Holder):
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+
+def test_fsdp_mixed_precision_keeps_the_rotary_buffers_in_float32(one_rank_group):
+    # Lightning's FSDP mixed precision casts buffers to bf16: the rotary inv_freq would be rounded at
+    # the first forward. The strategy's precision plugin keeps buffers in float32.
+    from eaft_pl.strategies import RootClipFSDPPrecision
+
+    config = RootClipFSDPPrecision("bf16-mixed").mixed_precision_config
+    assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    model = tiny_model()
+    exact = model.model.rotary_emb.inv_freq.clone()
+    layer = type(model.model.layers[0])
+    for buffers, expected in ((torch.bfloat16, torch.bfloat16), (config.buffer_dtype, torch.float32)):
+        model = tiny_model()
+        mixed = dataclasses.replace(config, buffer_dtype=buffers)
+        root = FullyShardedDataParallel(
+            Forwarding(model), auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), mixed_precision=mixed
+        )
+        with torch.no_grad():
+            root(torch.tensor([[3, 5, 7, 11]]))  # the root's forward is where FSDP casts the buffers
+        inv_freq = model.model.rotary_emb.inv_freq
+        assert inv_freq.dtype == expected  # the control: Lightning's own choice rounds it
+        assert torch.equal(inv_freq.float(), exact) is (expected == torch.float32)
