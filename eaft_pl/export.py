@@ -90,9 +90,9 @@ def load_module_checkpoint(module: Any, ckpt_path: Union[str, Path]) -> None:
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"export: --ckpt_path {ckpt_path} is not a file")
     module.build_model(reference=False)
-    # The checkpoint holds the run's hyperparameters as Python objects (gates, LoRA options): a checkpoint
-    # is trusted input, as for `fit --ckpt_path`.
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    # weights_only, as Lightning loads a checkpoint to resume: tensors and plain containers, no pickled
+    # code (a CLI run stores its hyperparameters as plain values).
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     module.on_load_checkpoint(checkpoint)
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

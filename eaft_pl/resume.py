@@ -86,10 +86,10 @@ class ResumeState(Callback):
 def checkpoint_run_id(path: str) -> Optional[str]:
     """The MLflow run id stored in the checkpoint at ``path``, or None.
 
-    Memory-maps the file, so the tensors are not read: cheap even for a large model. Loading runs
-    the checkpoint's pickle, as resuming from it does anyway: name only checkpoints you trust.
+    Memory-maps the file, so the tensors are not read: cheap even for a large model. Loaded with
+    ``weights_only`` (no pickled code), as Lightning loads it to resume.
     """
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return (checkpoint.get(CHECKPOINT_KEY) or {}).get("mlflow_run_id")
 
 

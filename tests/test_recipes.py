@@ -39,8 +39,10 @@ def no_downloads(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-def instantiate(domain, method, overlay):
+def instantiate(domain, method, overlay, launcher_order=False):
     files = [RECIPES / "paper.yaml", RECIPES / f"{domain}.yaml", RECIPES / f"{method}.yaml", REPO / "configs" / "scale" / f"{overlay}.yaml"]
+    if launcher_order:  # scripts/launch_multinode.sh passes RECIPE, OVERLAY, then the extra --config files
+        files = [files[0], files[3], files[1], files[2]]
     args = [a for f in files for a in ("--config", str(f))]
     # No GPU here: only the accelerator changes; devices, nodes, strategy and precision are the files'.
     return cli_main([*args, "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
@@ -65,6 +67,17 @@ def test_recipe_instantiates_with_the_papers_settings(domain, method, overlay, t
     callbacks = {type(c): c for c in trainer.callbacks}
     assert SaveHFModel in callbacks
     assert callbacks[LMEvalCallback].tasks == ["mmlu", "ifeval"]
+
+
+def test_the_multinode_launcher_order_gives_the_same_run(tmp_path, monkeypatch, no_downloads):
+    monkeypatch.chdir(tmp_path)
+    dumps = []
+    for launcher_order in (False, True):
+        cli = instantiate("qwen3_4b_math", "eaft", "fsdp_4x8", launcher_order)
+        config = cli.config.clone()
+        config.pop("config", None)  # the list of files given, in their order
+        dumps.append(cli.parser.dump(config))
+    assert dumps[0] == dumps[1]
 
 
 def test_recipe_comments_state_the_step_arithmetic():

@@ -245,7 +245,8 @@ def test_deepspeed_overlay_parses_and_fails_clearly_without_deepspeed(overlay, t
 def launch(*args, **env):
     return subprocess.run(
         ["bash", str(REPO / "scripts" / "launch_multinode.sh"), *args],
-        env={**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", **env},
+        # Without MASTER_PORT from the test process (the DDP tests set it there): the default is checked.
+        env={**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "PYTHON": sys.executable, "DRY_RUN": "1", **env},
         capture_output=True, text=True, timeout=60,
     )
 
