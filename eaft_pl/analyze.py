@@ -35,7 +35,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from torch import Tensor
 
-from eaft_pl.data.chat import DataError, EncodedExample, collate, pad_token_id
+from eaft_pl.data.chat import DataError, EncodedExample, batch_to, collate, pad_token_id
 from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
 from eaft_pl.fileio import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, token_statistics
@@ -101,7 +101,7 @@ def score_examples(
     top_k = module.hparams.top_k
     starts = range(0, len(examples), batch_size)
     for start in _progress(starts, desc, progress, len(starts)):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad).items()}
+        batch = batch_to(collate(examples[start : start + batch_size], pad), device)
         if forward_context is None:
             logits = module(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
         else:

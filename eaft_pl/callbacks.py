@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from eaft_pl.export import export_hf_folder
-from eaft_pl.sharded import gather_full_model
+from eaft_pl.sharded import gather_full_model, refuse_unsupported_sharding
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["TokenStatsWriter", "SaveHFModel"]
@@ -104,6 +104,12 @@ class SaveHFModel(pl.Callback):
         if ckpt_dir:
             return os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)), "hf")
         return os.path.join(trainer.default_root_dir, "hf")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Refused before training rather than after it: DeepSpeed / ModelParallel shards cannot be
+        # gathered into the folder (export the Lightning checkpoint with `eaft-pl export` instead).
+        if stage == "fit":
+            refuse_unsupported_sharding(trainer.strategy, "SaveHFModel")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = gather_full_model(trainer.strategy, pl_module.model, device="cpu")  # a collective under FSDP

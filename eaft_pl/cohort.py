@@ -27,6 +27,7 @@ from eaft_pl.diagnostics import quantile_threshold
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
 from eaft_pl.lora import AdapterDisabled
 from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.data.chat import batch_to
 from eaft_pl.sharded import gather_full_model, refuse_unsupported_sharding
 
 __all__ = ["tied_quantile_threshold", "CohortThresholds", "cohort_means", "ConflictCohortCallback"]
@@ -193,7 +194,7 @@ class ConflictCohortCallback(PeriodicEvaluation):
         try:
             with torch.no_grad():
                 for batch in self._batches:
-                    batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+                    batch = batch_to(batch, pl_module.device)
                     stats, weights, _ = pl_module.token_stats(batch)
                     parts.append((weights.float().cpu(), stats.label_prob.float().cpu(), stats.norm_entropy.float().cpu()))
         finally:

@@ -16,6 +16,7 @@ import threading
 from typing import Any, Dict, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -77,12 +78,27 @@ class GracefulStop(Callback):
     # ---- stopping at a step boundary ---------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.received is None or self._stopping:
+        if not self.enabled or self._stopping:
             return
-        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if step_done:
+        # Not at an epoch's last step: Lightning's SIGTERM path would stop before the epoch-end
+        # bookkeeping, and a checkpoint from there resumes with the next epoch's batch counter off. The
+        # epoch ends as usual and the stop comes one optimizer step later (or training simply ends).
+        last_of_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and not last_of_epoch
+        if step_done and self._any_rank_received(trainer, pl_module):
             self._stopping = True
             self._lightning_sigterm(trainer, True)
+
+    def _any_rank_received(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether any rank got a signal. Every rank must decide alike: saving a checkpoint is a
+        collective (a barrier under DDP, a gather under FSDP), so a rank that went on training while
+        another saved would hang both. One scalar all-reduce per optimizer step, only with several
+        processes."""
+        received = self.received is not None
+        if trainer.world_size == 1:
+            return received
+        flag = torch.tensor(float(received), device=pl_module.device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning's evaluation loop also stops on its SIGTERM flag: let the validation due at this

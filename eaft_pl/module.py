@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Dict, List, Literal, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from eaft_pl.metrics import TokenStatsMetric
 from eaft_pl.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.reference_gates import FLOWGate
+from eaft_pl.sharded import unwrapped_name
 
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
 
@@ -307,10 +308,12 @@ class EAFTModule(pl.LightningModule):
         (A ``model_config`` base has random weights that only the checkpoint could restore.)"""
         return self.lora is not None and self.hparams.model_name_or_path is not None
 
-    def _frozen_base_keys(self) -> Set[str]:
-        """The state-dict keys of the frozen base weights (every model entry but the trainable ones)."""
-        trainable = {n for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
-        return {f"model.{k}" for k in self.model.state_dict() if k not in trainable}
+    def _frozen_base_keys(self, keys: Iterable[str]) -> Set[str]:
+        """The keys among ``keys`` (a module state dict's) of the frozen base weights: every model entry
+        but the trainable ones. Parameter names are compared without FSDP's wrapper parts, which
+        ``named_parameters`` shows and a state dict does not."""
+        trainable = {unwrapped_name(n) for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return {k for k in keys if k.startswith("model.") and unwrapped_name(k[len("model.") :]) not in trainable}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The divisor is fixed by the run's first micro-batch; a resumed run keeps it so that its
@@ -320,7 +323,7 @@ class EAFTModule(pl.LightningModule):
         checkpoint["eaft_skipped_steps"] = self.skipped_steps
         if not self.adapter_only_checkpoints:
             return
-        frozen = self._frozen_base_keys()
+        frozen = self._frozen_base_keys(checkpoint["state_dict"])
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint[ADAPTER_ONLY_KEY] = self.hparams.model_name_or_path
 
@@ -338,7 +341,7 @@ class EAFTModule(pl.LightningModule):
         # that strict loading still catches a missing or unexpected adapter key.
         state = checkpoint["state_dict"]
         own = self.state_dict()
-        for key in self._frozen_base_keys() - state.keys():
+        for key in self._frozen_base_keys(own) - state.keys():
             state[key] = own[key]
 
     @property

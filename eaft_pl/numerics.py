@@ -8,7 +8,7 @@ AdamW leaves the weights and its moments and step counts as they were) and to st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class MicroBatchRecord:
     Attributes:
         batch_idx: Lightning's index of the micro-batch in its epoch.
         loss_finite: 0-dim bool tensor (left on the device: reading it would sync every micro-batch).
-        sources: The examples' ``file:line``, when the batch carries them (a ``"sources"`` entry).
+        sources: The examples' ``file:line`` (the ``"sources"`` entry the DataModules' collate functions add).
     """
 
     batch_idx: int

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eaft_pl.data.chat import batch_to
 from eaft_pl.data.packing import sequence_ids, sequence_spans
 from eaft_pl.fileio import atomic_write
 from eaft_pl.losses import IGNORE_INDEX, TokenStats, token_statistics
@@ -235,7 +236,7 @@ def compute_reference_table(
                     progress(f"reference pass: {split}, {len(examples)} examples")
                 for i in range(0, len(examples), batch_size):
                     chunk = examples[i : i + batch_size]
-                    batch = {k: v.to(device) for k, v in collate_fn(chunk).items()}
+                    batch = batch_to(collate_fn(chunk), device)
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
                     stats = token_statistics(logits, batch["labels"], top_k=top_k)
                     for ex, (h, p, ce) in zip(chunk, _per_row(stats, batch["labels"])):

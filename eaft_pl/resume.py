@@ -87,8 +87,13 @@ def checkpoint_run_id(path: str) -> Optional[str]:
     """The MLflow run id stored in the checkpoint at ``path``, or None.
 
     Memory-maps the file, so the tensors are not read: cheap even for a large model. Loaded with
-    ``weights_only`` (no pickled code), as Lightning loads it to resume.
+    ``weights_only`` (no pickled code), as Lightning loads it to resume. A sharded FSDP checkpoint
+    (``state_dict_type: sharded``) is a folder whose ``meta.pt`` holds everything but the tensors.
     """
+    if Path(path).is_dir():
+        path = str(Path(path) / "meta.pt")
+        if not Path(path).is_file():
+            return None
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return (checkpoint.get(CHECKPOINT_KEY) or {}).get("mlflow_run_id")
 
@@ -106,7 +111,7 @@ def latest_resumable_run(client: Any, experiment_id: str) -> Optional[str]:
 
 def _resume_run_id(trainer: pl.Trainer, ckpt_path: str, client: Any, experiment_name: str) -> Optional[str]:
     if ckpt_path != "last":
-        return checkpoint_run_id(ckpt_path) if Path(ckpt_path).is_file() else None
+        return checkpoint_run_id(ckpt_path) if Path(ckpt_path).exists() else None
     folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
     if folders:  # a fixed folder: Lightning takes its newest last*.ckpt; so do we
         found = sorted((p for d in folders for p in Path(d).glob("last*.ckpt")), key=lambda p: p.stat().st_mtime)

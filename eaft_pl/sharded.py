@@ -14,8 +14,9 @@ copied (a decoder layer, or the root unit with the embeddings and the LM head). 
 twice and no random initialisation is spent on the copy. The other ranks hold one unit at a time.
 FSDP's ``offload_to_cpu`` is not used: with one unit gathered at a time, the accelerator never holds
 more than the largest unit, and each weight goes straight to ``device``. Buffers are copied as the
-training model holds them (under Lightning's ``bf16-mixed`` FSDP casts them to bf16, rotary
-frequencies included), so the copy computes what the sharded model computes.
+training model holds them (float32 under ``DecoderLayerFSDPStrategy``, whose precision plugin keeps
+them so; bf16 under Lightning's plain ``FSDPStrategy`` with ``bf16-mixed``), so the copy computes
+what the sharded model computes.
 """
 
 from __future__ import annotations

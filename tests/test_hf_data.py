@@ -133,6 +133,10 @@ def test_sharegpt_speakers_map_to_roles():
     assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant", "tool"]
     with pytest.raises(DataError, match="s: conversations\\[1\\]: unknown speaker 'bot'"):
         RecordLayout().to_messages({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "s")
+    with pytest.raises(DataError, match="unknown speaker 'humna'.*did you mean 'human'"):
+        RecordLayout().to_messages({"conversations": [{"from": "humna", "value": "q"}]}, "s")
+    with pytest.raises(DataError, match="unknown speaker \['gpt'\]"):  # not a string: a DataError, not a TypeError
+        RecordLayout().to_messages({"conversations": [{"from": ["gpt"], "value": "q"}]}, "s")
     # role/content turns under `conversations`: the error says which options read them.
     with pytest.raises(DataError, match="conversations\\[0\\] needs 'from' and 'value'.*layout: messages.*'messages': 'conversations'"):
         RecordLayout("sharegpt").to_messages({"conversations": [user("q"), assistant("a")]}, "s")

@@ -105,3 +105,25 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_
 def test_the_cli_writes_checkpoints_through_the_atomic_plugin(in_tmp):
     cli = cli_main(fit_args(in_tmp, "run")[1:], run=False)  # no subcommand with run=False
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_every_rank_stops_when_any_rank_got_the_signal():
+    # Saving is a collective: the rank that got no signal must stop at the same step as the one that did.
+    from types import SimpleNamespace
+
+    from eaft_pl.interrupt import GracefulStop
+
+    def trainer(world_size, others_received):
+        def reduce(flag, reduce_op):
+            assert reduce_op == "sum"
+            return flag + float(others_received)  # the other rank's flag
+
+        return SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(reduce=reduce))
+
+    module = SimpleNamespace(device=torch.device("cpu"))
+    quiet, signalled = GracefulStop(), GracefulStop()
+    signalled.received = signal.SIGTERM
+    assert quiet._any_rank_received(trainer(2, others_received=True), module)
+    assert not quiet._any_rank_received(trainer(2, others_received=False), module)
+    assert signalled._any_rank_received(trainer(2, others_received=False), module)
+    assert not quiet._any_rank_received(trainer(1, others_received=True), module)  # one process: no collective

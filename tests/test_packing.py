@@ -59,11 +59,12 @@ def test_bad_lengths_are_refused():
 
 
 def test_collated_rows_restart_positions_mask_first_labels_and_pad():
-    a = EncodedExample([5, 6, 7], [5, 6, 7])  # a first label that is not -100 must still be masked
-    b = EncodedExample([8, 9], [8, 9])
-    c = EncodedExample([4], [-100])
+    a = EncodedExample([5, 6, 7], [5, 6, 7], "f:1")  # a first label that is not -100 must still be masked
+    b = EncodedExample([8, 9], [8, 9], "f:2")
+    c = EncodedExample([4], [-100], "f:3")
     batch = collate_packed([[a, b], [c]], pad_token_id=0, pad_to_multiple_of=4)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: the padding-free path
+    assert set(batch) == {"input_ids", "labels", "position_ids", "sources"}  # no attention_mask: the padding-free path
+    assert batch["sources"] == ["f:1", "f:2", "f:3"]  # every packed example, for error messages
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100], [-100] * 8]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 0, 1, 2, 3, 4, 5, 6]]
@@ -308,6 +309,6 @@ def test_only_training_batches_are_packed(tmp_path, tokenizer_dir):
     )
     data.setup("fit")
     train = next(iter(data.train_dataloader()))
-    assert set(train) == {"input_ids", "labels", "position_ids"} and len(train["input_ids"]) == 1
-    assert set(next(iter(data.val_dataloader()))) == {"input_ids", "attention_mask", "labels"}
+    assert set(train) == {"input_ids", "labels", "position_ids", "sources"} and len(train["input_ids"]) == 1
+    assert set(next(iter(data.val_dataloader()))) == {"input_ids", "attention_mask", "labels", "sources"}
     assert "packing" not in data.summary["val"]

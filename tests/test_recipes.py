@@ -21,7 +21,9 @@ DOMAINS = {
     "qwen3_4b_agentic": "Qwen/Qwen3-4B-Instruct-2507",
 }
 METHODS = {"sft": SFTGate, "eaft": EAFTGate}
-OVERLAYS = ["fsdp_1x8", "fsdp_4x8", "ddp_1x8"]
+# Every DDP/FSDP overlay; DeepSpeed's refuses paper.yaml's rank-zero callbacks (its own comment and
+# test_the_deepspeed_overlay_needs_the_recipe_callbacks_replaced).
+OVERLAYS = ["ddp_1x8", "fsdp_1x8", "fsdp_2x8", "fsdp_4x8"]
 
 
 @pytest.fixture
@@ -112,3 +114,16 @@ def test_the_export_folder_defaults_to_one_per_run(tmp_path):
     no_ckpt = SimpleNamespace(checkpoint_callback=None, default_root_dir=str(tmp_path))
     assert SaveHFModel().resolve_dirpath(no_ckpt) == str(tmp_path / "hf")
     assert SaveHFModel(dirpath="out/model").resolve_dirpath(run) == "out/model"
+
+
+def test_the_deepspeed_overlay_needs_the_recipe_callbacks_replaced():
+    # SaveHFModel and LMEvalCallback cannot gather a ZeRO-3 model: they refuse it at setup, before
+    # any training, and the overlay's comment says what to do.
+    from types import SimpleNamespace
+
+    deepspeed = SimpleNamespace(strategy=type("DeepSpeedStrategy", (), {})(), global_step=0)
+    with pytest.raises(ValueError, match="SaveHFModel needs the whole model on rank zero.*DeepSpeedStrategy"):
+        SaveHFModel().setup(deepspeed, None, "fit")
+    with pytest.raises(ValueError, match="LMEvalCallback needs the whole model on rank zero.*DeepSpeedStrategy"):
+        LMEvalCallback(tasks=["mmlu"]).on_train_start(deepspeed, None)
+    assert "replace its trainer.callbacks" in (REPO / "configs" / "scale" / "deepspeed_zero3_1x8.yaml").read_text()

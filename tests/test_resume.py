@@ -24,8 +24,10 @@ MODEL = {
 }  # fmt: skip
 
 
-# SIGTERM after micro-batch 3, the first half of step 2 (of 3 in the first epoch).
-SIGNAL_AT_3 = ["--trainer.callbacks.signal_at=3"]
+# SIGTERM after micro-batch 3, the first half of step 2 (of 3 in the first epoch): the stop comes
+# at the end of step 2. After micro-batch 5, in the epoch's last step: the epoch ends as usual and the
+# stop comes at the end of step 4, the first of the next epoch.
+STOPS = {3: 2, 5: 4}
 # Validation every 4 micro-batches (steps 2, 4, 6): one is due at the stop, and must run first.
 VALIDATE = ["--trainer.limit_val_batches=2", "--trainer.val_check_interval=4"]
 
@@ -72,19 +74,22 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_run_stopped_mid_epoch_resumes_exactly(in_tmp):
+@pytest.mark.parametrize("signal_at", sorted(STOPS))
+def test_a_run_stopped_mid_epoch_resumes_exactly(in_tmp, signal_at):
     cli_main(fit_args(in_tmp, "straight", VALIDATE))
-    # The signal lands in the middle of step 2: the run finishes that step, saves last.ckpt and
-    # exits with 128 + 15.
+    # The signal lands in the middle of a step: the run finishes that step (or, in an epoch's last
+    # step, the next one), saves last.ckpt and exits with 128 + 15.
+    signal_args = [f"--trainer.callbacks.signal_at={signal_at}"]
     with pytest.raises(SystemExit) as stopped:
-        cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *SIGNAL_AT_3]))
+        cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *signal_args]))
     assert stopped.value.code == 128 + signal.SIGTERM
     client, run = the_run(in_tmp, "resumed")
     assert run.info.status == "KILLED"
     first = rows(in_tmp, "resumed")
-    assert len(first) == 4 and first[-1]["global_step"] == 2  # stopped at the step boundary
+    stop = STOPS[signal_at]
+    assert len(first) == 2 * stop and first[-1]["global_step"] == stop  # stopped at the step boundary
 
-    cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *SIGNAL_AT_3, "--ckpt_path=last"]))  # the same config
+    cli_main(fit_args(in_tmp, "resumed", [*VALIDATE, *signal_args, "--ckpt_path=last"]))  # the same config
     straight, resumed = rows(in_tmp, "straight"), rows(in_tmp, "resumed")
     assert len(straight) == len(resumed) == 2 * STEPS  # nothing repeated, nothing skipped
     for a, b in zip(straight, resumed):
@@ -166,3 +171,17 @@ def test_two_ranks_resume_their_own_shards():
     for sampler, state in zip(resumed, states):
         sampler.load_state_dict(state)
     assert [list(s) for s in resumed] == [f[2:] for f in full]
+
+
+def test_the_run_id_is_read_from_a_checkpoint_file_or_a_sharded_checkpoint_folder(tmp_path):
+    # FSDP with state_dict_type: sharded writes a folder whose meta.pt holds the non-tensor state.
+    from eaft_pl.resume import CHECKPOINT_KEY, checkpoint_run_id
+
+    state = {CHECKPOINT_KEY: {"mlflow_run_id": "abc123"}, "global_step": 4}
+    torch.save(state, tmp_path / "last.ckpt")
+    assert checkpoint_run_id(str(tmp_path / "last.ckpt")) == "abc123"
+    folder = tmp_path / "sharded" / "last.ckpt"
+    folder.mkdir(parents=True)
+    assert checkpoint_run_id(str(folder)) is None  # no metadata: no run to continue
+    torch.save(state, folder / "meta.pt")
+    assert checkpoint_run_id(str(folder)) == "abc123"

@@ -181,3 +181,22 @@ def test_fsdp_mixed_precision_keeps_the_rotary_buffers_in_float32(one_rank_group
         inv_freq = model.model.rotary_emb.inv_freq
         assert inv_freq.dtype == expected  # the control: Lightning's own choice rounds it
         assert torch.equal(inv_freq.float(), exact) is (expected == torch.float32)
+
+
+def test_lora_checkpoints_under_fsdp_keep_the_adapters(one_rank_group, tokenizer_dir):
+    # Under FSDP, named_parameters shows wrapper parts ("_fsdp_wrapped_module.") that state-dict keys
+    # lack: the adapters must still be told apart from the frozen base, or an adapter-only checkpoint
+    # would drop them.
+    from eaft_pl import EAFTModule
+
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), lora={"r": 2, "alpha": 4.0})
+    module.configure_model()
+    keys = list(module.state_dict())
+    adapters = {k for k in keys if "lora_" in k}
+    assert adapters and module._frozen_base_keys(keys) == {k for k in keys if k.startswith("model.")} - adapters
+    layer = type(module.model.get_base_model().model.layers[0])
+    module.model = FullyShardedDataParallel(
+        module.model, auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    assert any("_fsdp_wrapped_module" in n for n, _ in module.model.named_parameters())
+    assert module._frozen_base_keys(keys) == {k for k in keys if k.startswith("model.")} - adapters

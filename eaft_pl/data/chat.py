@@ -30,6 +30,7 @@ __all__ = [
     "did_you_mean",
     "assistant_char_spans",
     "encode_conversation",
+    "batch_to",
     "collate",
     "padded_batch",
     "pad_token_id",
@@ -269,12 +270,18 @@ def padded_batch(lengths: Sequence[int], pad_token_id: int, pad_to_multiple_of: 
     return torch.full(shape, pad_token_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long)
 
 
+def batch_to(batch: Dict[str, Any], device: Any) -> Dict[str, Any]:
+    """A collated batch on ``device``: its tensors moved, its other entries (``sources``) as they are."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 def collate(
     examples: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_of: Optional[int] = None
-) -> Dict[str, Tensor]:
+) -> Dict[str, Any]:
     """Right-pad a list of examples to the longest one (dynamic padding).
 
-    Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` long tensors.
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, T)`` long tensors, and
+    ``sources``, each row's ``file:line`` (errors about a batch name its examples).
     """
     input_ids, labels = padded_batch([len(e.input_ids) for e in examples], pad_token_id, pad_to_multiple_of)
     attention_mask = torch.zeros_like(input_ids)
@@ -283,7 +290,7 @@ def collate(
         input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sources": [e.source for e in examples]}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overload
 
 from eaft_pl.data.base import ChatDataModule
-from eaft_pl.data.chat import Conversation, DataError, EncodedExample, ExampleStats, encode_conversation
+from eaft_pl.data.chat import DataError, EncodedExample, ExampleStats, encode_conversation
 from eaft_pl.data.layouts import LayoutName, RecordLayout
 
 __all__ = ["HFChatDataModule", "EncodedRows"]

@@ -227,8 +227,11 @@ class RecordLayout:
                     f"{self.option_prefix}layout: messages with {self.option_prefix}columns: {{'messages': '{key}'}}"
                 )
             speaker = turn["from"]
-            if speaker not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: unknown speaker {speaker!r}; ShareGPT speakers map as {SHAREGPT_ROLES}")
+            if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+                raise DataError(
+                    f"{where}: unknown speaker {speaker!r}; ShareGPT speakers map as {SHAREGPT_ROLES}"
+                    + did_you_mean(str(speaker), list(SHAREGPT_ROLES))
+                )
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
         return messages
 

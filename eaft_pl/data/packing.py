@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -90,12 +90,12 @@ def pack_examples(examples: Sequence[EncodedExample], max_length: int) -> List[L
 
 def collate_packed(
     rows: Sequence[Sequence[EncodedExample]], pad_token_id: int, pad_to_multiple_of: Optional[int] = None
-) -> Dict[str, Tensor]:
+) -> Dict[str, Any]:
     """Concatenate each row's examples and right-pad the rows to the longest.
 
-    Returns ``input_ids``, ``labels`` and ``position_ids``, each ``(B, T)`` long tensors, and no
+    Returns ``input_ids``, ``labels`` and ``position_ids``, each ``(B, T)`` long tensors, no
     ``attention_mask`` (its absence is what makes ``transformers`` read the sequence boundaries from
-    the position ids). Position ids restart at 0 for every example and for the padding; the label of
+    the position ids), and ``sources``, every packed example's ``file:line``. Position ids restart at 0 for every example and for the padding; the label of
     every example's first token and of the padding is -100.
     """
     input_ids, labels = padded_batch([sum(len(e.input_ids) for e in row) for row in rows], pad_token_id, pad_to_multiple_of)
@@ -110,7 +110,8 @@ def collate_packed(
             position_ids[b, start : start + n] = torch.arange(n)
             start += n
         position_ids[b, start:] = torch.arange(length - start)  # the padding: a sequence of its own
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    sources = [e.source for row in rows for e in row]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sources": sources}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import lightning.pytorch as pl
 import torch
 
-from eaft_pl.evaluation.periodic import PeriodicEvaluation
+from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
 from eaft_pl.sharded import gather_full_model
 
@@ -77,16 +77,11 @@ class ForgettingCallback(PeriodicEvaluation):
             return
         model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
         if model is not None:
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    scores: Scores = {
-                        suite: {task.name: task.evaluate(model, pl_module.tokenizer, self.batch_size) for task in tasks}
-                        for suite, tasks in self._suites.items()
-                    }
-            finally:
-                model.train(was_training)
+            with kept_modes(model), torch.no_grad():  # every submodule gets its own mode back
+                scores: Scores = {
+                    suite: {task.name: task.evaluate(model, pl_module.tokenizer, self.batch_size) for task in tasks}
+                    for suite, tasks in self._suites.items()
+                }
             del model  # the FSDP copy: free it before training goes on
             self.history.append({"step": step, "scores": scores})
             self._log(trainer, step, scores)

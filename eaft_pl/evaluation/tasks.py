@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from eaft_pl.data.chat import Conversation, collate, encode_conversation, pad_token_id
+from eaft_pl.data.chat import Conversation, batch_to, collate, encode_conversation, pad_token_id
 from eaft_pl.losses import token_statistics
 
 __all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
@@ -163,7 +163,7 @@ class PerplexityTask:
         pad = pad_token_id(tokenizer)
         total, count = 0.0, 0
         for chunk in _batches(self._encoded, batch_size):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+            batch = batch_to(collate(chunk, pad), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             stats = token_statistics(logits, batch["labels"])
             total += stats.ce.double().sum().item()
