@@ -26,6 +26,7 @@ from eaft_pl.data.chat import Conversation  # noqa: E402
 from eaft_pl.evaluation.forgetting import ForgettingCallback  # noqa: E402
 from eaft_pl.evaluation.harness import LMEvalCallback  # noqa: E402
 from eaft_pl.evaluation.tasks import PerplexityTask  # noqa: E402
+from lm_eval_tasks import MC_YAML  # noqa: E402
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0}
 VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {"full": None, "lora": LORA}
@@ -45,29 +46,11 @@ class SuiteData(InOrderData):
         }
 
 
-#: A local multiple-choice lm-eval task over the training chats' prompts (offline, no task index).
-MC_TASK = """task: gather_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-"""
-
-
 def _write_mc_task(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     docs = [{"question": r["prompt"], "choices": [r["response"], r["response"][::-1] + "x"], "label": 0} for r in RECORDS]
     (folder / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / "mc.yaml").write_text(MC_TASK.format(folder=folder))
+    (folder / "mc.yaml").write_text(MC_YAML.format(folder=folder))
     return folder
 
 
@@ -77,7 +60,7 @@ def gather_fit(out_dir: Path, tokenizer_dir: Path, train_file: Path, lora: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     forgetting = ForgettingCallback(every_n_steps=1, batch_size=2)
     harness = LMEvalCallback(
-        tasks=["gather_mc"], include_path=str(_write_mc_task(out_dir / "tasks")), include_default_tasks=False, every_n_steps=1, batch_size=2
+        tasks=["tiny_mc"], include_path=str(_write_mc_task(out_dir / "tasks")), include_default_tasks=False, every_n_steps=1, batch_size=2
     )
     # The quantile rule: a random tiny model has no confident conflict by the absolute thresholds.
     cohort = ConflictCohortCallback(sample_size=4, splits=["train"], every_n_steps=1, rule="quantile", entropy_quantile=0.5, prob_quantile=0.5)

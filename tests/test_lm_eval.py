@@ -29,60 +29,11 @@ from eaft_pl.evaluation.harness_results import (
     top_level,
 )
 from eaft_pl.losses import SFTGate
+from lm_eval_tasks import GEN_YAML, GROUP_YAML, MC_YAML
 
 lm_eval = pytest.importorskip("lm_eval")  # the dev extra installs it; the package itself does not need it
 
 SUMS = [(2, 2), (1, 3), (3, 1), (0, 4), (4, 0), (5, 1)]  # all make 4 except the last: a model can learn "4"
-MC_YAML = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-metadata:
-  version: 1.0
-"""
-GEN_YAML = """task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder}/gen.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}="
-doc_to_target: answer
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 4
-  do_sample: false
-metric_list:
-  - metric: exact_match
-filter_list:
-  - name: strict-match
-    filter:
-      - function: regex
-        regex_pattern: "(\\\\d+)"
-      - function: take_first
-metadata:
-  version: 2.0
-"""
-GROUP_YAML = """group: tiny_group
-task: [tiny_mc, tiny_mc2]
-aggregate_metric_list:
-  - metric: acc
-    aggregation: mean
-    weight_by_size: true
-metadata:
-  version: 3.0
-"""
-
 
 @pytest.fixture(autouse=True)
 def no_environment_report(monkeypatch):
