@@ -1,9 +1,49 @@
-"""eaft-pl: Entropy-Adaptive Fine-Tuning experiments with PyTorch Lightning."""
+"""eaft-pl: Entropy-Adaptive Fine-Tuning experiments with PyTorch Lightning.
+
+The top level is lazy: ``import eaft_pl`` (or ``eaft_pl.loss``) does not import Lightning, so the
+loss functions can be used from other trainers. ``eaft_pl.EAFTModule`` and the DataModules are loaded
+on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from eaft_pl import _moved
 
 __version__ = "0.1.0"
 
-from eaft_pl.data import ChatDataModule, ChatJsonlDataModule
-from eaft_pl.losses import dft_loss, eaft_loss, sft_loss
-from eaft_pl.module import EAFTModule
+# name -> module that defines it; imported on first access (PEP 562).
+_LAZY = {
+    "EAFTModule": "eaft_pl.module",
+    "ChatDataModule": "eaft_pl.data.base",
+    "ChatJsonlDataModule": "eaft_pl.data.jsonl",
+    "HFChatDataModule": "eaft_pl.data.hf",
+    "sft_loss": "eaft_pl.loss.functional",
+    "eaft_loss": "eaft_pl.loss.functional",
+    "dft_loss": "eaft_pl.loss.functional",
+}
 
-__all__ = ["ChatDataModule", "ChatJsonlDataModule", "EAFTModule", "dft_loss", "eaft_loss", "sft_loss"]
+__all__ = sorted(_LAZY)
+
+_moved.install()
+
+if TYPE_CHECKING:  # pragma: no cover
+    from eaft_pl.data.base import ChatDataModule
+    from eaft_pl.data.hf import HFChatDataModule
+    from eaft_pl.data.jsonl import ChatJsonlDataModule
+    from eaft_pl.loss.functional import dft_loss, eaft_loss, sft_loss
+    from eaft_pl.module import EAFTModule
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'eaft_pl' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

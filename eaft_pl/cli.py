@@ -1,4 +1,5 @@
-"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze / export, plus
+"""The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze / export (the
+Trainer subclass below holds the last two), plus
 ``eaft-pl compare`` (an MLflow experiment's runs as the paper's Table 1 and a Pareto plot).
 
 Only the CLI lives here: library classes in the module run as ``__main__`` would fail
@@ -11,29 +12,123 @@ import os
 import sys
 from typing import Dict, List, Optional, Set
 
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import lazy_instance, set_parsing_settings
 
-from eaft_pl.analyze import EAFTTrainer
-from eaft_pl.callbacks import TokenStatsWriter
-from eaft_pl.checkpoint_io import AtomicCheckpointIO
-from eaft_pl.cohort import ConflictCohortCallback
+from eaft_pl.analysis.analyze import run_analysis
+from eaft_pl.analysis.predictions import TokenStatsWriter
 from eaft_pl.data.base import ChatDataModule
-from eaft_pl.interrupt import GracefulStop
+from eaft_pl.evaluation.cohort import ConflictCohortCallback
+from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
 from eaft_pl.module import EAFTModule
-from eaft_pl.resume import ResumeState, continue_mlflow_run
 from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig, mlflow_loggers
-from eaft_pl.training_diagnostics import DiagnosticsCallback
+from eaft_pl.training.checkpoint_io import AtomicCheckpointIO
+from eaft_pl.training.export import export_hf_folder, load_module_checkpoint
+from eaft_pl.training.interrupt import GracefulStop
+from eaft_pl.training.resume import ResumeState, continue_mlflow_run
 
-__all__ = ["EAFTLightningCLI", "cli_main", "main"]
+__all__ = ["EAFTTrainer", "EAFTLightningCLI", "cli_main", "main"]
+
+
+class EAFTTrainer(Trainer):
+    """Lightning's ``Trainer`` plus the ``analyze`` and ``export`` subcommands of ``eaft-pl``
+    (everything else is unchanged: ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's)."""
+
+    def export(
+        self, model: Any, ckpt_path: str, output_dir: str, datamodule: Any = None, save_adapter: bool = False
+    ) -> Path:
+        """Write a checkpoint's model and tokenizer as a Hugging Face folder (LoRA merged in).
+
+        ``AutoModelForCausalLM.from_pretrained`` loads the folder without eaft-pl or peft. Reads the
+        same configs as ``fit``.
+
+        Args:
+            model: The EAFTModule of the config (its model is built here, on the CPU).
+            ckpt_path: A checkpoint of a run with this config (``last.ckpt``); LoRA checkpoints hold
+                the adapters only and the base comes from ``model.init_args.model_name_or_path``.
+            output_dir: Folder to write (replaced if it exists; complete or absent).
+            datamodule: Unused (the configs name one).
+            save_adapter: With LoRA, also write the adapters alone under ``<output_dir>/adapter``.
+        """
+        load_module_checkpoint(model, ckpt_path)
+        path = export_hf_folder(model, output_dir, save_adapter=save_adapter)
+        print(f"wrote {path}")
+        return path
+
+    def analyze(
+        self,
+        model: Any,
+        datamodule: Any,
+        split: str = "train",
+        max_examples: Optional[int] = 1000,
+        seed: int = 0,
+        batch_size: Optional[int] = None,
+        on_policy: Literal["greedy", "sample", "none"] = "greedy",
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        quantile: float = 0.15,
+        low_entropy_max: float = 0.5,
+        high_entropy_min: float = 2.0,
+        full_entropy: bool = False,
+        bins: int = 20,
+        top: int = 20,
+        output_dir: Optional[str] = None,
+        progress_bar: bool = True,
+    ) -> Dict[str, Any]:
+        """Statistics of the training data under the model as configured (before training): confident
+        conflicts, (p, H) heatmap, EAFT weight distribution, conflict tokens, on-policy contrast.
+
+        Args:
+            model: The EAFTModule of the config (its model is built here).
+            datamodule: The ChatDataModule of the config.
+            split: Data split to analyse (``train``, ``val``, ``test``).
+            max_examples: Analyse a random sample of this many conversations (null: all).
+            seed: Seed of the sample and of sampled answers.
+            batch_size: Conversations per forward pass (default: the data's eval batch size).
+            on_policy: Also score the model's own answers to the same prompts, generated greedily or by
+                sampling; ``none`` skips it.
+            max_new_tokens: Longest generated answer (also capped so that prompt and answer fit the
+                data's ``max_length``).
+            temperature: Sampling temperature (``on_policy: sample``).
+            quantile: The "bottom q" of the quantile conflict rule, for both entropy and probability.
+            low_entropy_max: Low-entropy bucket bound (nats).
+            high_entropy_min: High-entropy bucket bound (nats).
+            full_entropy: Also compute the full-vocabulary entropy and its correlation with top-K.
+            bins: Histogram bins per axis of the (p, H) plane.
+            top: Rows of the conflict-token and conversation tables.
+            output_dir: Also write the artifacts to this folder.
+            progress_bar: Show progress bars on stderr.
+        """
+        return run_analysis(
+            self, model, datamodule,
+            split=split,
+            max_examples=max_examples,
+            seed=seed,
+            batch_size=batch_size,
+            on_policy=on_policy,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            quantile=quantile,
+            low_entropy_max=low_entropy_max,
+            high_entropy_min=high_entropy_min,
+            full_entropy=full_entropy,
+            bins=bins,
+            top=top,
+            output_dir=output_dir,
+            progress_bar=progress_bar,
+        )
 
 
 class EAFTLightningCLI(LightningCLI):
     """LightningCLI whose model and data are any subclass of :class:`EAFTModule` and
     :class:`ChatDataModule`, selected by ``class_path``. ``analyze`` and ``export`` run
-    :meth:`eaft_pl.analyze.EAFTTrainer.analyze` and :meth:`~eaft_pl.analyze.EAFTTrainer.export` on
+    :meth:`EAFTTrainer.analyze` and :meth:`EAFTTrainer.export` on
     the same configs as ``fit``."""
 
     @staticmethod
@@ -107,7 +202,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
 def main() -> None:
     """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
     if sys.argv[1:2] == ["compare"]:  # not a Trainer method: it reads MLflow runs, no model or data
-        from eaft_pl.compare import main as compare_main
+        from eaft_pl.analysis.compare import main as compare_main
 
         compare_main(sys.argv[2:])
         return

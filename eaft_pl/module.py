@@ -11,16 +11,18 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
+from eaft_pl.loss.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
 from eaft_pl.data.packing import check_packing_support
-from eaft_pl.hub import _dtype, build_causal_lm, load_causal_lm, load_tokenizer
-from eaft_pl.lora import AdapterDisabled, LoRAOptions, apply_lora
-from eaft_pl.losses import EAFTGate, Gate, TokenStats, token_statistics
-from eaft_pl.metrics import TokenStatsMetric
-from eaft_pl.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
+from eaft_pl.models.loading import _dtype, build_causal_lm, load_causal_lm, load_tokenizer
+from eaft_pl.training.lora import AdapterDisabled, LoRAOptions, apply_lora
+from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY
+from eaft_pl.loss.gates import EAFTGate, Gate
+from eaft_pl.loss.stats import TokenStats, token_statistics
+from eaft_pl.loss.metrics import TokenStatsMetric
+from eaft_pl.training.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
-from eaft_pl.reference_gates import FLOWGate
-from eaft_pl.sharded import unwrapped_name
+from eaft_pl.loss.reference_gates import FLOWGate
+from eaft_pl.training.sharded import unwrapped_name
 
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
 
@@ -50,7 +52,7 @@ class EAFTModule(pl.LightningModule):
     of short micro-batches more. Each micro-batch returns its weighted sum and the gradients are
     divided by N just before clipping and the optimizer step.
 
-    Logged metrics (see :class:`~eaft_pl.metrics.TokenStatsMetric`): ``train/<stat>`` over the
+    Logged metrics (see :class:`~eaft_pl.loss.metrics.TokenStatsMetric`): ``train/<stat>`` over the
     tokens of each optimizer step, ``val/<name>/<stat>`` and ``test/<name>/<stat>`` over whole
     evaluation sets, plus ``train/lr``.
 
@@ -80,7 +82,7 @@ class EAFTModule(pl.LightningModule):
         conflict_max_label_prob: ... and its label probability is at most this.
         log_full_entropy: Also log full-vocabulary entropy (costs about 3x a CE forward).
         chunk_size: Compute the loss from the backbone's hidden states and the LM-head weight this many
-            tokens at a time (:mod:`eaft_pl.chunked`), so the ``(tokens, vocab)`` logits never exist in
+            tokens at a time (:mod:`eaft_pl.loss.chunked`), so the ``(tokens, vocab)`` logits never exist in
             full: the memory of the loss drops from several times the logits to a few
             ``(chunk_size, vocab)`` buffers, for every gate, with the same values and gradients. Needs a
             model whose logits are its LM head applied to the last hidden state, optionally scaled or
@@ -101,7 +103,7 @@ class EAFTModule(pl.LightningModule):
             supervised tokens). Plain path only (refused with ``chunk_size``).
         reference_kl_direction: ``"policy_ref"``: KL(p_theta || p_ref); ``"ref_policy"``:
             KL(p_ref || p_theta) (see :func:`eaft_pl.reference.token_kl`).
-        lora: Train LoRA adapters (:class:`eaft_pl.lora.LoRAOptions`, needs ``pip install
+        lora: Train LoRA adapters (:class:`eaft_pl.training.lora.LoRAOptions`, needs ``pip install
             'eaft-pl[lora]'``) instead of every weight: ``{r: 16, alpha: 32, dropout: 0.05,
             target_modules: all-linear}``. The base model is the adapted one with its adapters off, so
             ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
@@ -131,8 +133,8 @@ class EAFTModule(pl.LightningModule):
         torch_dtype: Optional[str] = None,
         attn_implementation: Optional[str] = None,
         trust_remote_code: bool = False,
-        conflict_max_norm_entropy: float = 0.17,
-        conflict_max_label_prob: float = 0.1,
+        conflict_max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY,
+        conflict_max_label_prob: float = CONFLICT_MAX_LABEL_PROB,
         log_full_entropy: bool = False,
         chunk_size: Optional[int] = None,
         reference_source: Literal["cache", "frozen"] = "cache",

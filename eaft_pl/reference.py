@@ -1,6 +1,6 @@
 """The reference (base) model's per-token statistics: one pass before training, cached on disk.
 
-Base-model gates (:mod:`eaft_pl.reference_gates`) and FLOW need, for every supervised token of the
+Base-model gates (:mod:`eaft_pl.loss.reference_gates`) and FLOW need, for every supervised token of the
 data, what the model *before* fine-tuning thought of it: its top-K entropy and label probability, and
 per example its mean CE. Two sources, chosen with ``model.init_args.reference_source``:
 
@@ -35,7 +35,7 @@ from torch import Tensor
 from eaft_pl.data.chat import batch_to
 from eaft_pl.data.packing import sequence_ids, sequence_spans
 from eaft_pl.fileio import atomic_write
-from eaft_pl.losses import IGNORE_INDEX, TokenStats, token_statistics
+from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats, token_statistics
 
 __all__ = [
     "REFERENCE_FIELDS",
@@ -148,7 +148,7 @@ class ReferenceTable:
 
     def batch_reference(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``name -> (B, T)`` tensors aligned with ``batch["labels"]`` (NaN where not supervised), for
-        :func:`eaft_pl.losses.token_statistics`' ``reference`` argument.
+        :func:`eaft_pl.loss.stats.token_statistics`' ``reference`` argument.
 
         A row is one example up to its attention mask, or, in a packed batch (``position_ids`` and no
         mask), one example per sequence; a sequence without a supervised token (the padding) needs no

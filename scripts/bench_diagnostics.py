@@ -59,9 +59,9 @@ def main() -> Dict[str, object]:
 
     from eaft_pl import EAFTModule
     from eaft_pl.data.chat import collate
-    from eaft_pl.data.toy import ToyWorldDataModule
-    from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid
-    from eaft_pl.training_diagnostics import DiagnosticsCallback
+    from eaft_pl.experiments.toyworld.datamodule import ToyWorldDataModule
+    from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid
+    from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
 
     pretrain = yaml.safe_load((REPO / "configs" / "toy" / "pretrain.yaml").read_text())
     finetune = yaml.safe_load((REPO / "configs" / "toy" / "finetune.yaml").read_text())

@@ -64,8 +64,9 @@ def loss_function(variant: str, chunk_size: int):
     import torch
     import torch.nn.functional as F
 
-    from eaft_pl.chunked import chunked_gated_loss
-    from eaft_pl.losses import EAFTGate, eaft_loss
+    from eaft_pl.loss.chunked import chunked_gated_loss
+    from eaft_pl.loss.functional import eaft_loss
+    from eaft_pl.loss.gates import EAFTGate
 
     if variant == "lf":
         sys.path.insert(0, str(REPO / "tests"))

@@ -37,9 +37,9 @@ import torch
 
 from eaft_pl.data.chat import EncodedExample, collate
 from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
-from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.loss.gates import EAFTGate, SFTGate
 from eaft_pl.module import EAFTModule
-from eaft_pl.tiny import build_char_tokenizer
+from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
 
 def synthetic_examples(n: int, min_length: int, max_length: int, vocab: int, seed: int) -> List[EncodedExample]:

@@ -38,10 +38,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from eaft_pl.hub import build_causal_lm
-from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.models.loading import build_causal_lm
+from eaft_pl.loss.gates import EAFTGate, SFTGate
 from eaft_pl.module import EAFTModule
-from eaft_pl.tiny import build_char_tokenizer
+from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
 
 def model_config(args, vocab: int) -> Dict:

@@ -25,7 +25,7 @@ TINY_LLAMA = {
 
 @pytest.fixture(scope="session")
 def char_tokenizer():
-    from eaft_pl.tiny import build_char_tokenizer
+    from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
 

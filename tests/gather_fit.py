@@ -4,7 +4,7 @@ recorded for the FSDP gather tests: a short fit of the tiny Llama, fully fine-tu
 evaluated at every optimizer step and exported at the end.
 
 Also a script: ``python tests/gather_fit.py OUT_DIR TOKENIZER_DIR TRAIN_FILE`` runs both fits under
-:class:`~eaft_pl.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes (one launch, two fits: the
+:class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes (one launch, two fits: the
 process start-up is most of the cost).
 """
 
@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale_fit import RECORDS, InOrderData, recorded_fit  # noqa: E402
-from eaft_pl.callbacks import SaveHFModel  # noqa: E402
-from eaft_pl.cohort import ConflictCohortCallback  # noqa: E402
+from eaft_pl.training.export import SaveHFModel  # noqa: E402
+from eaft_pl.evaluation.cohort import ConflictCohortCallback  # noqa: E402
 from eaft_pl.data.chat import Conversation  # noqa: E402
 from eaft_pl.evaluation.forgetting import ForgettingCallback  # noqa: E402
 from eaft_pl.evaluation.harness import LMEvalCallback  # noqa: E402
@@ -73,7 +73,7 @@ def gather_fit(out_dir: Path, tokenizer_dir: Path, train_file: Path, lora: Optio
 
 
 if __name__ == "__main__":  # the FSDP runs of tests/test_sharded.py
-    from eaft_pl.strategies import DecoderLayerFSDPStrategy
+    from eaft_pl.training.strategies import DecoderLayerFSDPStrategy
 
     # lm-eval appends torch's environment report (pip, nvidia-smi) to every result: seconds, no scores.
     import torch.utils.collect_env

@@ -2,7 +2,7 @@
 gradients the optimizer sees (DDP) and the final weights, written by rank 0 to one file.
 
 Also a script: ``python tests/scale_fit.py OUT.pt TOKENIZER_DIR TRAIN_FILE CLIP`` runs the same fit
-under :class:`~eaft_pl.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes. FSDP launches its
+under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes. FSDP launches its
 ranks by re-running the script (Lightning's subprocess launcher), which a pytest process cannot be.
 """
 
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_LLAMA  # noqa: E402
 from eaft_pl import ChatJsonlDataModule, EAFTModule  # noqa: E402
-from eaft_pl.losses import EAFTGate  # noqa: E402
-from eaft_pl.sharded import unwrapped_name  # noqa: E402
+from eaft_pl.loss.gates import EAFTGate  # noqa: E402
+from eaft_pl.training.sharded import unwrapped_name  # noqa: E402
 
 # Supervised tokens per example: 3, 4, 32, 62 | 5, 12, 22, 42. Two ranks take the even and the odd
 # examples: 35 against 66 tokens in step 1, 27 against 54 in step 2, so per-rank means differ from
@@ -151,7 +151,7 @@ def recorded_fit(
 
 
 if __name__ == "__main__":  # the FSDP run of tests/test_scale.py
-    from eaft_pl.strategies import DecoderLayerFSDPStrategy
+    from eaft_pl.training.strategies import DecoderLayerFSDPStrategy
 
     out, tokenizer, train, clip = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     recorded_fit(

@@ -12,10 +12,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import REPO
-from eaft_pl.analyze import on_policy_examples, score_examples, stop_token_ids
+from eaft_pl.analysis.analyze import on_policy_examples, score_examples, stop_token_ids
 from eaft_pl.cli import cli_main
 from eaft_pl.data.chat import DataError, EncodedExample, collate
-from eaft_pl.losses import token_statistics
+from eaft_pl.loss.stats import token_statistics
 from test_cli import quick_args, runs
 
 N_EXAMPLES = 12

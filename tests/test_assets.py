@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from eaft_pl.tiny import build_char_tokenizer
+from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
 SHIPPED = REPO / "data" / "quickstart"
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from test_cli import quick_args, runs
 from eaft_pl.cli import cli_main
 from eaft_pl.data import ChatJsonlDataModule, DataError
-from eaft_pl.tiny import build_char_tokenizer
+from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
 GOOD = json.dumps({"prompt": "p", "response": "r"})
 USER = {"role": "user", "content": "x"}
@@ -104,8 +104,8 @@ def test_a_tokenizer_without_chat_template_needs_one(tmp_path):
 
 # ---- options, through the eaft-pl parser -----------------------------------------------------------
 
-EAFT = "--model.init_args.gate=eaft_pl.losses.EAFTGate"
-STATIC = "--model.init_args.gate=eaft_pl.reference_gates.StaticConflictMaskGate"
+EAFT = "--model.init_args.gate=eaft_pl.loss.gates.EAFTGate"
+STATIC = "--model.init_args.gate=eaft_pl.loss.reference_gates.StaticConflictMaskGate"
 
 # (case, command-line arguments, text the error must hold: the key, and the rule)
 BAD_OPTIONS = [
@@ -125,13 +125,13 @@ BAD_OPTIONS = [
     ("negative alpha", [EAFT, "--model.init_args.gate.init_args.alpha=-1"], "EAFTGate: alpha must be >= 0.*model.init_args.gate.init_args.alpha"),
     ("normalizer 0", [EAFT, "--model.init_args.gate.init_args.normalizer=0"], "EAFTGate: normalizer must be positive.*gate.init_args.normalizer"),
     ("normalizer of no type", [EAFT, "--model.init_args.gate.init_args.normalizer=ln"], "Expected a typing.Literal\\['log_k'\\].*key='gate.init_args.normalizer', val='ln'"),
-    ("sigmoid steepness 0", ["--model.init_args.gate=eaft_pl.losses.SigmoidGate", "--model.init_args.gate.init_args.steepness=0"], "SigmoidGate: steepness must be > 0.*gate.init_args.steepness"),
-    ("sigmoid midpoint > 1", ["--model.init_args.gate=eaft_pl.losses.SigmoidGate", "--model.init_args.gate.init_args.midpoint=3"], "SigmoidGate: midpoint must lie in \\[0, 1\\].*gate.init_args.midpoint"),
-    ("mask quantile > 1", ["--model.init_args.gate=eaft_pl.losses.EntropyMaskGate", "--model.init_args.gate.init_args.quantile=1.5"], "EntropyMaskGate: quantile must lie in \\[0, 1\\].*gate.init_args.quantile"),
-    ("conflict quantile < 0", ["--model.init_args.gate=eaft_pl.losses.ConflictMaskGate", "--model.init_args.gate.init_args.prob_quantile=-0.1"], "ConflictMaskGate: prob_quantile must lie in.*gate.init_args.prob_quantile"),
-    ("static alpha < 0", ["--model.init_args.gate=eaft_pl.reference_gates.StaticEAFTGate", "--model.init_args.gate.init_args.alpha=-2"], "StaticEAFTGate: alpha must be >= 0.*gate.init_args.alpha"),
+    ("sigmoid steepness 0", ["--model.init_args.gate=eaft_pl.loss.gates.SigmoidGate", "--model.init_args.gate.init_args.steepness=0"], "SigmoidGate: steepness must be > 0.*gate.init_args.steepness"),
+    ("sigmoid midpoint > 1", ["--model.init_args.gate=eaft_pl.loss.gates.SigmoidGate", "--model.init_args.gate.init_args.midpoint=3"], "SigmoidGate: midpoint must lie in \\[0, 1\\].*gate.init_args.midpoint"),
+    ("mask quantile > 1", ["--model.init_args.gate=eaft_pl.loss.gates.EntropyMaskGate", "--model.init_args.gate.init_args.quantile=1.5"], "EntropyMaskGate: quantile must lie in \\[0, 1\\].*gate.init_args.quantile"),
+    ("conflict quantile < 0", ["--model.init_args.gate=eaft_pl.loss.gates.ConflictMaskGate", "--model.init_args.gate.init_args.prob_quantile=-0.1"], "ConflictMaskGate: prob_quantile must lie in.*gate.init_args.prob_quantile"),
+    ("static alpha < 0", ["--model.init_args.gate=eaft_pl.loss.reference_gates.StaticEAFTGate", "--model.init_args.gate.init_args.alpha=-2"], "StaticEAFTGate: alpha must be >= 0.*gate.init_args.alpha"),
     ("static threshold > 1", [STATIC, "--model.init_args.gate.init_args.max_label_prob=2"], "StaticConflictMaskGate: max_label_prob must lie in.*gate.init_args.max_label_prob"),
-    ("FLOW tau 0", ["--model.init_args.gate=eaft_pl.reference_gates.FLOWGate", "--model.init_args.gate.init_args.tau=0"], "FLOWGate: tau must be > 0.*gate.init_args.tau"),
+    ("FLOW tau 0", ["--model.init_args.gate=eaft_pl.loss.reference_gates.FLOWGate", "--model.init_args.gate.init_args.tau=0"], "FLOWGate: tau must be > 0.*gate.init_args.tau"),
     ("max_length 0", ["--data.init_args.max_length=0"], "data.init_args.max_length must be >= 1"),
     ("batch_size 0", ["--data.init_args.batch_size=0"], "data.init_args.batch_size must be >= 1"),
     ("eval_batch_size 0", ["--data.init_args.eval_batch_size=0"], "data.init_args.eval_batch_size must be >= 1"),

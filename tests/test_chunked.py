@@ -8,18 +8,11 @@ import torch
 
 from conftest import TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.chunked import LogitTransform, check_chunked_support, chunked_gated_loss, chunked_token_statistics
-from eaft_pl.hub import build_causal_lm
-from eaft_pl.losses import (
-    ConflictMaskGate,
-    DFTGate,
-    EAFTGate,
-    EntropyMaskGate,
-    SFTGate,
-    SigmoidGate,
-    gated_loss,
-    token_statistics,
-)
+from eaft_pl.loss.chunked import LogitTransform, check_chunked_support, chunked_gated_loss, chunked_token_statistics
+from eaft_pl.models.loading import build_causal_lm
+from eaft_pl.loss.functional import gated_loss
+from eaft_pl.loss.gates import ConflictMaskGate, DFTGate, EAFTGate, EntropyMaskGate, SFTGate, SigmoidGate
+from eaft_pl.loss.stats import token_statistics
 
 GATES = {
     "sft": SFTGate(),

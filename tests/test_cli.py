@@ -76,7 +76,7 @@ def test_fit_writes_an_mlflow_run_with_metrics_config_and_tags(in_tmp):
     diagnostics = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics/val_domain")}
     assert diagnostics == {f"diagnostics/val_domain/step_{s:06d}.{ext}" for s in (3, 6) for ext in ("json", "png")}
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))).read_text())
-    assert config["model"]["init_args"]["gate"]["class_path"] == "eaft_pl.losses.EAFTGate"
+    assert config["model"]["init_args"]["gate"]["class_path"] == "eaft_pl.loss.gates.EAFTGate"
     assert config["trainer"]["max_steps"] == 6
     assert config["model"]["init_args"]["model_config"]["max_position_embeddings"] == 192  # interpolated
 
@@ -132,7 +132,7 @@ def test_help_shows_the_docstrings(capsys):
         cli_main(["fit", "--config", str(BASE), "--print_config=comments"])
     out = capsys.readouterr().out
     assert "# Peak AdamW learning rate (the paper: 1e-5)" in out
-    assert "known subclasses:" in out and "eaft_pl.losses.SigmoidGate" in out
+    assert "known subclasses:" in out and "eaft_pl.loss.SigmoidGate" in out
     assert "# Truncate conversations to this many tokens" in out
 
 

@@ -11,10 +11,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from conftest import TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.cohort import ConflictCohortCallback, cohort_means, tied_quantile_threshold
+from eaft_pl.evaluation.cohort import ConflictCohortCallback, cohort_means, tied_quantile_threshold
 from eaft_pl.data.chat import collate
-from eaft_pl.losses import EAFTGate, SFTGate, token_statistics
-from eaft_pl.reference_gates import StaticEAFTGate
+from eaft_pl.loss.gates import EAFTGate, SFTGate
+from eaft_pl.loss.stats import token_statistics
+from eaft_pl.loss.reference_gates import StaticEAFTGate
 
 RECORDS = [{"prompt": f"q{i}", "response": "the answer is " + "xyz"[i % 3] * (1 + i % 4)} for i in range(8)]
 

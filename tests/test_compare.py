@@ -8,8 +8,9 @@ import statistics
 import pytest
 from mlflow import MlflowClient
 
-from eaft_pl.compare import RunScores, atomic_write, format_markdown, group_runs, load_runs, main, pareto_points
-from eaft_pl.plots import pareto_front
+from eaft_pl.fileio import atomic_write
+from eaft_pl.analysis.compare import RunScores, format_markdown, group_runs, load_runs, main, pareto_points
+from eaft_pl.analysis.plots import pareto_front
 
 # name -> {metric: [value at step 0, 10, 20]}; two seeds per method, the base identical per seed.
 RUNS = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eaft_pl.data import ChatJsonlDataModule, Conversation, DataError, collate, encode_conversation, read_chat_jsonl
-from eaft_pl.tiny import build_char_tokenizer
+from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
 # ChatML with {% generation %} markers around what the assistant writes: HF can then return the
 # assistant mask itself, an independent reference for the prefix-rendering method.

@@ -13,18 +13,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from conftest import TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
 from eaft_pl.data.chat import collate
-from eaft_pl.diagnostics import (
-    PlaneAccumulator,
-    PlaneGrid,
-    bottom_quantile,
-    conflict_shares,
-    histogram2d,
-    quantile_threshold,
-    top_counts,
-    weight_summary,
-)
-from eaft_pl.losses import EAFTGate, token_statistics
-from eaft_pl.training_diagnostics import DiagnosticsCallback
+from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, bottom_quantile, conflict_shares, histogram2d, quantile_threshold, top_counts, weight_summary
+from eaft_pl.loss.gates import EAFTGate
+from eaft_pl.loss.stats import token_statistics
+from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
 
 LN20 = math.log(20)
 

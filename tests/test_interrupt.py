@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from eaft_pl.checkpoint_io import AtomicCheckpointIO
+from eaft_pl.training.checkpoint_io import AtomicCheckpointIO
 from eaft_pl.cli import cli_main
 from test_resume import STEPS, fit_args, rows, the_run
 
@@ -111,7 +111,7 @@ def test_every_rank_stops_when_any_rank_got_the_signal():
     # Saving is a collective: the rank that got no signal must stop at the same step as the one that did.
     from types import SimpleNamespace
 
-    from eaft_pl.interrupt import GracefulStop
+    from eaft_pl.training.interrupt import GracefulStop
 
     def trainer(world_size, others_received):
         def reduce(flag, reduce_op):

@@ -28,7 +28,7 @@ from eaft_pl.evaluation.harness_results import (
     task_scores,
     top_level,
 )
-from eaft_pl.losses import SFTGate
+from eaft_pl.loss.gates import SFTGate
 from lm_eval_tasks import GEN_YAML, GROUP_YAML, MC_YAML
 
 lm_eval = pytest.importorskip("lm_eval")  # the dev extra installs it; the package itself does not need it
@@ -175,7 +175,7 @@ def test_a_group_counts_once_and_the_evaluation_leaves_model_tokenizer_and_rng_a
     import numpy as np
     from transformers import AutoTokenizer
 
-    from eaft_pl.hub import build_causal_lm
+    from eaft_pl.models.loading import build_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side = "right"

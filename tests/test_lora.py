@@ -12,12 +12,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.callbacks import SaveHFModel
+from eaft_pl.training.export import SaveHFModel
 from eaft_pl.cli import cli_main
-from eaft_pl.export import export_hf_folder
-from eaft_pl.hub import build_causal_lm
-from eaft_pl.lora import AdapterDisabled, LoRAOptions
-from eaft_pl.losses import SFTGate
+from eaft_pl.training.export import export_hf_folder
+from eaft_pl.models.loading import build_causal_lm
+from eaft_pl.training.lora import AdapterDisabled, LoRAOptions
+from eaft_pl.loss.gates import SFTGate
 from eaft_pl.module import ADAPTER_ONLY_KEY
 
 pytest.importorskip("peft")
@@ -42,7 +42,7 @@ class InOrderData(ChatJsonlDataModule):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer written with save_pretrained, as a downloaded model would be."""
-    from eaft_pl.tiny import build_char_tokenizer
+    from eaft_pl.models.char_tokenizer import build_char_tokenizer
 
     path = tmp_path_factory.mktemp("base")
     tokenizer = build_char_tokenizer()
@@ -143,7 +143,7 @@ def test_the_frozen_reference_is_the_base_with_adapters_off(base_dir, batch):
     from transformers import AutoModelForCausalLM
 
     from eaft_pl.reference import frozen_reference
-    from eaft_pl.reference_gates import StaticEAFTGate
+    from eaft_pl.loss.reference_gates import StaticEAFTGate
 
     module = lora_module(base_dir, gate=StaticEAFTGate(), reference_source="frozen", lora={"init_lora_weights": False})
     module.configure_model()
@@ -157,7 +157,7 @@ def test_the_frozen_reference_is_the_base_with_adapters_off(base_dir, batch):
 
 
 def test_the_cached_reference_is_the_base_shared_with_full_fine_tuning(base_dir, train_file, tmp_path):
-    from eaft_pl.reference_gates import StaticEAFTGate
+    from eaft_pl.loss.reference_gates import StaticEAFTGate
 
     cache = str(tmp_path / "cache")
     full = EAFTModule(model_name_or_path=base_dir, gate=StaticEAFTGate(), reference_cache_dir=cache)

@@ -5,24 +5,10 @@ import math
 import pytest
 import torch
 
-from eaft_pl.losses import (
-    ConflictMaskGate,
-    DFTGate,
-    EAFTGate,
-    EntropyMaskGate,
-    Gate,
-    SFTGate,
-    SigmoidGate,
-    dft_loss,
-    eaft_loss,
-    full_entropy,
-    gated_loss,
-    reduce_weighted,
-    sft_loss,
-    token_statistics,
-    topk_entropy,
-)
-from eaft_pl.reference_gates import EAFTStaticMaskGate, FLOWGate, StaticConflictMaskGate, StaticEAFTGate
+from eaft_pl.loss.functional import dft_loss, eaft_loss, gated_loss, sft_loss
+from eaft_pl.loss.gates import ConflictMaskGate, DFTGate, EAFTGate, EntropyMaskGate, Gate, SFTGate, SigmoidGate
+from eaft_pl.loss.stats import full_entropy, reduce_weighted, token_statistics, topk_entropy
+from eaft_pl.loss.reference_gates import EAFTStaticMaskGate, FLOWGate, StaticConflictMaskGate, StaticEAFTGate
 
 from reference_llamafactory import lf_dft_loss_func, lf_eaft_loss_func
 
@@ -302,7 +288,7 @@ def test_bf16_logits_get_the_fp32_gradient_rounded_once():
 @pytest.mark.parametrize("block", [1, 2, 5])
 def test_runs_longer_than_a_block_and_prompt_gaps_give_the_same_values_and_gradients(monkeypatch, block):
     """The plain path walks runs of supervised rows in blocks; splitting them must change nothing."""
-    import eaft_pl.losses as losses
+    import eaft_pl.loss.stats as losses
 
     logits, labels = random_batch(vocab=40, time=17, seed=4)
     labels[1, 6:9] = -100  # a second turn: two runs in one row
@@ -318,7 +304,7 @@ def test_runs_longer_than_a_block_and_prompt_gaps_give_the_same_values_and_gradi
 
 
 def test_supervised_runs_split_consecutive_rows():
-    from eaft_pl.losses import supervised_runs
+    from eaft_pl.loss.stats import supervised_runs
 
     index = torch.tensor([2, 3, 4, 5, 6, 9, 10, 14])
     assert supervised_runs(index, 2) == [(2, 0, 2), (4, 2, 2), (6, 4, 1), (9, 5, 2), (14, 7, 1)]

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from eaft_pl.losses import DFTGate, EAFTGate, token_statistics
-from eaft_pl.metrics import TokenStatsMetric, confident_conflicts
+from eaft_pl.loss.gates import DFTGate, EAFTGate
+from eaft_pl.loss.stats import token_statistics
+from eaft_pl.loss.metrics import TokenStatsMetric, confident_conflicts
 
 
 def batch(seed, vocab=40):

@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY_LLAMA
 from eaft_pl import EAFTModule
-from eaft_pl.hub import build_causal_lm
-from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.models.loading import build_causal_lm
+from eaft_pl.loss.gates import EAFTGate, SFTGate
 from eaft_pl.module import warmup_cosine
 from scale_fit import InOrderData
 

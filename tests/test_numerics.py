@@ -23,8 +23,9 @@ from conftest import TINY_LLAMA
 from test_module import RECORDS, InOrderData
 from eaft_pl import EAFTModule
 from eaft_pl.data.chat import EncodedExample, collate
-from eaft_pl.losses import IGNORE_INDEX, EAFTGate
-from eaft_pl.numerics import NonFiniteStepError, all_finite
+from eaft_pl.loss.gates import EAFTGate
+from eaft_pl.loss.stats import IGNORE_INDEX
+from eaft_pl.training.numerics import NonFiniteStepError, all_finite
 
 TESTS = Path(__file__).resolve().parent
 

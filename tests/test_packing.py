@@ -21,9 +21,9 @@ from eaft_pl.data.packing import (
     sequence_ids,
     sequence_spans,
 )
-from eaft_pl.losses import EAFTGate, EntropyMaskGate, SFTGate
+from eaft_pl.loss.gates import EAFTGate, EntropyMaskGate, SFTGate
 from eaft_pl.reference import compute_reference_table, frozen_reference
-from eaft_pl.reference_gates import FLOWGate, StaticEAFTGate
+from eaft_pl.loss.reference_gates import FLOWGate, StaticEAFTGate
 from test_module import RECORDS, CaptureGrads
 
 TINY_QWEN2 = dict(TINY_LLAMA, model_type="qwen2")

@@ -7,12 +7,12 @@ import pytest
 import yaml
 
 from conftest import REPO
-from eaft_pl.callbacks import SaveHFModel
+from eaft_pl.training.export import SaveHFModel
 from eaft_pl.cli import cli_main
 from eaft_pl.data import HFChatDataModule
 from eaft_pl.data.layouts import RecordLayout
 from eaft_pl.evaluation import LMEvalCallback
-from eaft_pl.losses import EAFTGate, SFTGate
+from eaft_pl.loss.gates import EAFTGate, SFTGate
 
 RECIPES = REPO / "configs" / "recipes"
 DOMAINS = {

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY_LLAMA
-from eaft_pl.chunked import chunked_token_statistics
+from eaft_pl.loss.chunked import chunked_token_statistics
 from eaft_pl.data.chat import Conversation, collate, encode_conversation
-from eaft_pl.hub import build_causal_lm
-from eaft_pl.losses import SFTGate, token_statistics
+from eaft_pl.models.loading import build_causal_lm
+from eaft_pl.loss.gates import SFTGate
+from eaft_pl.loss.stats import token_statistics
 from eaft_pl.reference import (
     ReferenceTable,
     compute_reference_table,
@@ -19,7 +20,7 @@ from eaft_pl.reference import (
     load_or_compute_reference,
     token_kl,
 )
-from eaft_pl.reference_gates import EAFTStaticMaskGate, FLOWGate, StaticConflictMaskGate, StaticEAFTGate, flow_weights
+from eaft_pl.loss.reference_gates import EAFTStaticMaskGate, FLOWGate, StaticConflictMaskGate, StaticEAFTGate, flow_weights
 
 LN20 = math.log(20)
 

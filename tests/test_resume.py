@@ -175,7 +175,7 @@ def test_two_ranks_resume_their_own_shards():
 
 def test_the_run_id_is_read_from_a_checkpoint_file_or_a_sharded_checkpoint_folder(tmp_path):
     # FSDP with state_dict_type: sharded writes a folder whose meta.pt holds the non-tensor state.
-    from eaft_pl.resume import CHECKPOINT_KEY, checkpoint_run_id
+    from eaft_pl.training.resume import CHECKPOINT_KEY, checkpoint_run_id
 
     state = {CHECKPOINT_KEY: {"mlflow_run_id": "abc123"}, "global_step": 4}
     torch.save(state, tmp_path / "last.ckpt")

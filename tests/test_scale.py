@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import REPO, TINY_LLAMA
 from eaft_pl import EAFTModule
 from eaft_pl.cli import EAFTLightningCLI, cli_main
-from eaft_pl.strategies import DecoderLayerFSDPStrategy, RootClipFSDPPrecision, decoder_layer_classes
+from eaft_pl.training.strategies import DecoderLayerFSDPStrategy, RootClipFSDPPrecision, decoder_layer_classes
 from scale_fit import recorded_fit, write_records
 from test_ddp import assert_records_equal, max_gap
 

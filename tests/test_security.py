@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.hub import build_causal_lm
+from eaft_pl.models.loading import build_causal_lm
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The whole model on rank zero under FSDP (eaft_pl/sharded.py) and the rank-zero callbacks that use
+"""The whole model on rank zero under FSDP (eaft_pl/training/sharded.py) and the rank-zero callbacks that use
 it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP process in this process for
 the copy itself (tied weights, dtype), two CPU processes over gloo for the callbacks."""
 
@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl.evaluation.forgetting import ForgettingCallback
-from eaft_pl.sharded import gather_full_model, unwrapped_name
+from eaft_pl.training.sharded import gather_full_model, unwrapped_name
 from gather_fit import VARIANTS, gather_fit
 from scale_fit import write_records
 
@@ -163,7 +163,7 @@ class Forwarding(Holder):
 def test_fsdp_mixed_precision_keeps_the_rotary_buffers_in_float32(one_rank_group):
     # Lightning's FSDP mixed precision casts buffers to bf16: the rotary inv_freq would be rounded at
     # the first forward. The strategy's precision plugin keeps buffers in float32.
-    from eaft_pl.strategies import RootClipFSDPPrecision
+    from eaft_pl.training.strategies import RootClipFSDPPrecision
 
     config = RootClipFSDPPrecision("bf16-mixed").mixed_precision_config
     assert (config.param_dtype, config.reduce_dtype, config.buffer_dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)

@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from eaft_pl.data.chat import encode_conversation
-from eaft_pl.data.toyworld import COLOURS, ToyWorld, WorldConfig, build_word_tokenizer
+from eaft_pl.experiments.toyworld.world import COLOURS, ToyWorld, WorldConfig, build_word_tokenizer
 from eaft_pl.evaluation.forgetting import forgetting, suite_averages
 from eaft_pl.evaluation.tasks import content_match
 
@@ -114,7 +114,7 @@ def test_generation_task_scores_exact_and_content_and_stops_at_end_of_turn():
 
 
 def test_summary_arithmetic_on_hand_made_histories():
-    from eaft_pl.experiment import GENERAL_TASKS, summarise
+    from eaft_pl.experiments.toyworld.driver import GENERAL_TASKS, summarise
 
     def entry(step, domain, general):
         scores = {"domain": {"job": {"content": domain, "exact": 0.0}}, "general": {}}
@@ -145,8 +145,8 @@ def test_tasks_score_a_model_as_a_direct_computation_does(tokenizer_dir):
     from conftest import TINY_LLAMA
     from eaft_pl.data.chat import Conversation, collate
     from eaft_pl.evaluation.tasks import MultipleChoiceTask, PerplexityTask
-    from eaft_pl.hub import build_causal_lm, load_tokenizer
-    from eaft_pl.losses import token_statistics
+    from eaft_pl.models.loading import build_causal_lm, load_tokenizer
+    from eaft_pl.loss.stats import token_statistics
 
     tok = load_tokenizer(str(tokenizer_dir))
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_forgetting_signs_and_suite_averages():
 
 @pytest.fixture(scope="module")
 def small_experiment(tmp_path_factory):
-    from eaft_pl.experiment import main
+    from eaft_pl.experiments.toyworld.driver import main
 
     out = tmp_path_factory.mktemp("toy")
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
@@ -223,7 +223,7 @@ def test_the_experiment_writes_a_results_table(small_experiment, capsys):
 
 def test_the_baseline_is_the_base_model_before_any_update(small_experiment):
     out, _, result = small_experiment
-    from eaft_pl.data.toy import ToyWorldDataModule
+    from eaft_pl.experiments.toyworld.datamodule import ToyWorldDataModule
     from eaft_pl.module import EAFTModule
 
     module = EAFTModule(model_name_or_path=f"{out}/base-seed0")
@@ -263,7 +263,7 @@ def test_logged_forgetting_matches_the_scores_by_hand(small_experiment):
 
 
 def test_compare_reads_the_runs_the_experiment_makes(small_experiment):
-    from eaft_pl.compare import group_runs, load_runs
+    from eaft_pl.analysis.compare import group_runs, load_runs
 
     out, uri, result = small_experiment
     client = MlflowClient(uri)
@@ -284,7 +284,7 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
     import argparse
     import os
 
-    from eaft_pl import experiment
+    from eaft_pl.experiments.toyworld import driver as experiment
 
     calls = []
 

@@ -22,7 +22,7 @@ from eaft_pl.data.chat import (
 )
 from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
 from eaft_pl.data.sampling import ResumableSampler
-from eaft_pl.hub import load_tokenizer
+from eaft_pl.models.loading import load_tokenizer
 
 __all__ = ["ChatDataModule"]
 

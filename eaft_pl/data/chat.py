@@ -17,7 +17,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from eaft_pl.losses import IGNORE_INDEX
+from eaft_pl.loss.stats import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 

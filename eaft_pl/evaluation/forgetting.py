@@ -10,7 +10,7 @@ import torch
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
-from eaft_pl.sharded import gather_full_model
+from eaft_pl.training.sharded import gather_full_model
 
 __all__ = ["ForgettingCallback", "suite_averages", "forgetting"]
 
@@ -53,7 +53,7 @@ class ForgettingCallback(PeriodicEvaluation):
     The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` on
     the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait. Under
     FSDP every rank first helps gather the full weights into a copy on rank zero's device
-    (:func:`eaft_pl.sharded.gather_full_model`: rank zero then holds the whole model once more while
+    (:func:`eaft_pl.training.sharded.gather_full_model`: rank zero then holds the whole model once more while
     it evaluates); DeepSpeed and ModelParallel are refused.
 
     Args:

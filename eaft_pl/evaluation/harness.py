@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from eaft_pl.evaluation.forgetting import forgetting
 from eaft_pl.evaluation.harness_results import lower_is_better, primary_scores, safe_name, task_scores
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
-from eaft_pl.sharded import gather_full_model
+from eaft_pl.training.sharded import gather_full_model
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "scores_record"]
@@ -107,7 +107,7 @@ class LMEvalCallback(PeriodicEvaluation):
 
     Evaluation runs on rank zero while the other ranks wait at a barrier (raise DDP's process-group
     timeout for long suites). Under FSDP every rank first helps gather the whole model into a copy
-    on rank zero's device (:func:`eaft_pl.sharded.gather_full_model`), which lm-eval then scores;
+    on rank zero's device (:func:`eaft_pl.training.sharded.gather_full_model`), which lm-eval then scores;
     DeepSpeed and ModelParallel are refused. The
     model is given back in the train/eval mode each submodule had, the training tokenizer is left
     untouched (HFLM works on a copy), and the random state of Python, NumPy and torch is restored

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from eaft_pl.sharded import refuse_unsupported_sharding
+from eaft_pl.training.sharded import refuse_unsupported_sharding
 
 __all__ = ["PeriodicEvaluation", "kept_modes"]
 
@@ -53,7 +53,7 @@ class PeriodicEvaluation(Callback):
         scores taken at the start: refuse the sharded strategies the gather does not serve (DeepSpeed,
         ModelParallel), warn when training resumes."""
         name = type(self).__name__
-        # FSDP is served by gathering the model on rank zero (eaft_pl.sharded); the others are refused.
+        # FSDP is served by gathering the model on rank zero (eaft_pl.training.sharded); the others are refused.
         refuse_unsupported_sharding(trainer.strategy, name)
         if trainer.global_step > 0:
             rank_zero_warn(

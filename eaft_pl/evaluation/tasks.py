@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from eaft_pl.data.chat import Conversation, batch_to, collate, encode_conversation, pad_token_id
-from eaft_pl.losses import token_statistics
+from eaft_pl.loss.stats import token_statistics
 
 __all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
 

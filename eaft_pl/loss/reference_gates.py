@@ -2,7 +2,7 @@
 
 EAFT's gate is dynamic: it reads the current model's entropy, and once the neighbouring tokens are
 learned the entropy at a conflict slot rises and the gate "reopens" (``docs`` study 2, and the
-cohort curves of :mod:`eaft_pl.cohort`). These gates freeze the decision at the base model:
+cohort curves of :mod:`eaft_pl.evaluation.cohort`). These gates freeze the decision at the base model:
 
 - :class:`StaticEAFTGate`: the base model's normalised top-K entropy, fixed for the whole run;
 - :class:`StaticConflictMaskGate`: weight 0 on the tokens that were confident conflicts under the
@@ -24,22 +24,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from eaft_pl.losses import EAFTGate, Gate, Normalizer, TokenStats, _check_power, _check_quantile, gate_option_error
+from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY, confident_conflict_mask
+from eaft_pl.loss.gates import EAFTGate, Gate, Normalizer, _check_power, _check_quantile, gate_option_error
+from eaft_pl.loss.stats import TokenStats
 
 __all__ = [
-    "confident_conflict_mask",
     "flow_weights",
     "StaticEAFTGate",
     "StaticConflictMaskGate",
     "EAFTStaticMaskGate",
     "FLOWGate",
 ]
-
-
-def confident_conflict_mask(norm_entropy: Tensor, label_prob: Tensor, max_norm_entropy: float, max_label_prob: float) -> Tensor:
-    """Boolean mask of confident conflicts: normalised entropy ``<= max_norm_entropy`` and label
-    probability ``<= max_label_prob`` (the model is sure of something else)."""
-    return (norm_entropy <= max_norm_entropy) & (label_prob <= max_label_prob)
 
 
 def flow_weights(sample_ce: Tensor, tau: float) -> Tensor:
@@ -87,7 +82,7 @@ class StaticConflictMaskGate(Gate):
     token_local = True
     needs_reference = True
 
-    def __init__(self, max_norm_entropy: float = 0.17, max_label_prob: float = 0.1) -> None:
+    def __init__(self, max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY, max_label_prob: float = CONFLICT_MAX_LABEL_PROB) -> None:
         _check_quantile("max_norm_entropy", max_norm_entropy, type(self).__name__)
         _check_quantile("max_label_prob", max_label_prob, type(self).__name__)
         self.max_norm_entropy = float(max_norm_entropy)
@@ -110,7 +105,7 @@ class EAFTStaticMaskGate(StaticConflictMaskGate):
 
     Args:
         alpha: Power of the EAFT weight.
-        normalizer: EAFT's normaliser (see :class:`eaft_pl.losses.EAFTGate`).
+        normalizer: EAFT's normaliser (see :class:`eaft_pl.loss.gates.EAFTGate`).
         max_norm_entropy: Base-model "confident" threshold of the mask.
         max_label_prob: Base-model "conflict" threshold of the mask.
     """
@@ -118,7 +113,7 @@ class EAFTStaticMaskGate(StaticConflictMaskGate):
     name = "eaft_static_mask"
 
     def __init__(
-        self, alpha: float = 1.0, normalizer: Normalizer = "log_k", max_norm_entropy: float = 0.17, max_label_prob: float = 0.1
+        self, alpha: float = 1.0, normalizer: Normalizer = "log_k", max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY, max_label_prob: float = CONFLICT_MAX_LABEL_PROB
     ) -> None:
         super().__init__(max_norm_entropy, max_label_prob)
         self.eaft = EAFTGate(alpha=alpha, normalizer=normalizer)

@@ -1,4 +1,4 @@
-"""DataModules over the synthetic world of :mod:`eaft_pl.data.toyworld`."""
+"""DataModules over the synthetic world of :mod:`eaft_pl.experiments.toyworld.world`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.data.chat import Conversation
-from eaft_pl.data.toyworld import ToyWorld, WorldConfig, save_world_tokenizer
+from eaft_pl.experiments.toyworld.world import ToyWorld, WorldConfig, save_world_tokenizer
 
 __all__ = ["ToyWorldDataModule"]
 

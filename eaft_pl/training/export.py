@@ -2,8 +2,8 @@
 loads without eaft-pl or peft: full fine-tuning saves the model as it is, LoRA saves the base with the
 adapters merged in (and, on request, the adapters alone under ``adapter/``, PEFT's format).
 
-Used by :class:`eaft_pl.callbacks.SaveHFModel` at the end of training and by ``eaft-pl export``
-(:meth:`eaft_pl.analyze.EAFTTrainer.export`) on a finished checkpoint.
+Used by :class:`SaveHFModel` (below) at the end of training and by ``eaft-pl export``
+(:meth:`eaft_pl.cli.EAFTTrainer.export`) on a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from eaft_pl.lora import is_peft_model
+from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.training.lora import is_peft_model
+from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding
 
-__all__ = ["export_hf_folder", "merged_copy", "load_module_checkpoint", "ADAPTER_SUBDIR"]
+__all__ = ["export_hf_folder", "merged_copy", "load_module_checkpoint", "SaveHFModel", "ADAPTER_SUBDIR"]
 
 #: Where the adapters go inside the exported folder with ``save_adapter``.
 ADAPTER_SUBDIR = "adapter"
@@ -55,7 +58,7 @@ def export_hf_folder(
         save_adapter: With LoRA, also write the adapters alone (PEFT's ``save_pretrained``) under
             ``<output_dir>/adapter``.
         model: What to write instead of ``module.model``: a private copy of it, such as
-            :func:`eaft_pl.sharded.gather_full_model` makes under FSDP. Being a copy, it is merged in
+            :func:`eaft_pl.training.sharded.gather_full_model` makes under FSDP. Being a copy, it is merged in
             place (no second copy) and unusable afterwards.
     """
     if module.model is None:
@@ -103,3 +106,49 @@ def load_module_checkpoint(module: Any, ckpt_path: Union[str, Path]) -> None:
             f"export: {ckpt_path} does not fit the model of this config (same model.init_args.model_name_or_path / "
             f"model_config and lora as the run that wrote it?): {error}"
         ) from error
+
+
+class SaveHFModel(pl.Callback):
+    """At the end of training, writes the model and its tokenizer as a Hugging Face folder
+    (``save_pretrained``) that ``AutoModelForCausalLM.from_pretrained`` (or ``model_name_or_path``)
+    loads. A LoRA model is written with its adapters merged into the base weights, so the folder needs
+    no peft; the training model is left as it is. The folder is written under a temporary name and
+    renamed, so it is complete or absent, and replaced if it exists. Rank zero writes it; under FSDP
+    every rank first helps gather the full weights into a CPU copy on rank zero
+    (:func:`eaft_pl.training.sharded.gather_full_model`), and the ranks leave the hook once the folder exists.
+
+    Args:
+        dirpath: Folder to write; by default ``hf`` next to the run's checkpoint folder
+            (``<root>/<experiment id>/<run id>/hf`` with the MLflow logger), so every run keeps its own.
+        save_adapter: With LoRA, also write the adapters alone (PEFT's format) under
+            ``<dirpath>/adapter``.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, save_adapter: bool = False) -> None:
+        self.dirpath = dirpath
+        self.save_adapter = save_adapter
+
+    def resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        """The folder this run writes: ``dirpath``, or ``hf`` beside the checkpoint folder."""
+        if self.dirpath is not None:
+            return self.dirpath
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_dir:
+            return os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)), "hf")
+        return os.path.join(trainer.default_root_dir, "hf")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Refused before training rather than after it: DeepSpeed / ModelParallel shards cannot be
+        # gathered into the folder (export the Lightning checkpoint with `eaft-pl export` instead).
+        if stage == "fit":
+            refuse_unsupported_sharding(trainer.strategy, "SaveHFModel")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = gather_full_model(trainer.strategy, pl_module.model, device="cpu")  # a collective under FSDP
+        if model is not None:
+            dirpath = self.resolve_dirpath(trainer)
+            export_hf_folder(pl_module, dirpath, save_adapter=self.save_adapter, model=model)
+            del model  # the FSDP copy: free it before the other callbacks run
+            for logger in mlflow_loggers(trainer):
+                logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(dirpath))
+        trainer.strategy.barrier("save_hf_model")  # the folder exists when any rank goes on

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"  # the repository's configs
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "toy"  # the repository's configs
 ALL_METHODS = [
     "sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft",
     # from the base model (the reference pass): static gates, FLOW, and the KL baselines
@@ -64,7 +64,7 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
     path = f"{opts.out}/base-seed{seed}"
     # The base depends on its config, the options, the world's generator and its DataModule's defaults:
     # a change to any of them must not reuse a stale base.
-    from eaft_pl.data import toy, toyworld
+    from eaft_pl.experiments.toyworld import datamodule as toy, world as toyworld
 
     recipe = (
         (CONFIGS / "pretrain.yaml").read_text()
@@ -90,7 +90,7 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
 def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dict[str, Any]:
     """One fine-tuning run; returns the forgetting and cohort callbacks' histories, the reference
     pass's time and the run's identity."""
-    from eaft_pl.cohort import ConflictCohortCallback
+    from eaft_pl.evaluation.cohort import ConflictCohortCallback
     from eaft_pl.evaluation import ForgettingCallback
 
     start = time.time()
@@ -130,8 +130,9 @@ def conflict_statistics(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
     included). Conflicts use the metric's absolute thresholds (H/ln K <= 0.17 and p <= 0.1).
     """
     from eaft_pl.data.chat import collate
-    from eaft_pl.data.toy import ToyWorldDataModule
-    from eaft_pl.metrics import confident_conflicts
+    from eaft_pl.experiments.toyworld.datamodule import ToyWorldDataModule
+    from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY
+    from eaft_pl.loss.metrics import confident_conflicts
     from eaft_pl.module import EAFTModule
 
     module = EAFTModule(model_name_or_path=f"{opts.out}/base-seed{seed}")
@@ -145,7 +146,7 @@ def conflict_statistics(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
     with torch.no_grad():
         for example in data.datasets["train"]:
             stats, _, _ = module.token_stats(collate([example], data.pad_token_id))
-            flags = confident_conflicts(stats, 0.17, 0.1).tolist()
+            flags = confident_conflicts(stats, CONFLICT_MAX_NORM_ENTROPY, CONFLICT_MAX_LABEL_PROB).tolist()
             targets = [t for t, label in zip(example.input_ids[1:], example.labels[1:]) if label != -100]
             contradiction = ":contradiction:" in example.source
             for token, flag, h in zip(targets, flags, stats.norm_entropy.tolist()):
@@ -245,7 +246,7 @@ def cohort_curves(members: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]
 def cohort_figure(rows: Dict[str, Any], lr: float, methods: Optional[Sequence[str]] = None) -> Any:
     """The conflict cohort's curves (weight, label probability, entropy, share still in conflict) of
     each method at learning rate ``lr``, mean and std over seeds."""
-    from eaft_pl.plots import curves_figure
+    from eaft_pl.analysis.plots import curves_figure
 
     chosen = [r for r in rows.values() if r["lr"] == lr and r.get("cohort") and (methods is None or r["method"] in methods)]
     panels = [
@@ -329,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 Path(path).write_text(json.dumps(result, indent=2))
     rows = result["rows"]
     table = format_table(rows)
-    from eaft_pl.plots import save_figure
+    from eaft_pl.analysis.plots import save_figure
 
     for lr in opts.lrs:
         if opts.cohort_figure is None:

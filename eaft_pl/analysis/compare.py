@@ -300,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     from mlflow import MlflowClient
 
-    from eaft_pl.plots import pareto_figure, save_figure
+    from eaft_pl.analysis.plots import pareto_figure, save_figure
 
     client = MlflowClient(opts.tracking_uri)
     try:

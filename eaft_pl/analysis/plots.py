@@ -1,6 +1,6 @@
 """Figures of the diagnostics: the (p, H) plane, the gradient landscape, the weight distribution and
-the Pareto plot. Each function takes plain numbers (from :mod:`eaft_pl.diagnostics` or
-:mod:`eaft_pl.compare`) and returns a matplotlib ``Figure``.
+the Pareto plot. Each function takes plain numbers (from :mod:`eaft_pl.analysis.statistics` or
+:mod:`eaft_pl.analysis.compare`) and returns a matplotlib ``Figure``.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no GUI backend
 is selected, nothing is kept in pyplot's global figure list (a training run draws one per
@@ -69,7 +69,7 @@ def plane_figure(
 
 
 def weights_figure(summaries: Dict[str, Dict[str, Any]], title: str = "EAFT weight H / ln K") -> Figure:
-    """Histograms of the weight distributions of :func:`eaft_pl.diagnostics.weight_summary`, one
+    """Histograms of the weight distributions of :func:`eaft_pl.analysis.statistics.weight_summary`, one
     bar series per source, as shares of each source's tokens."""
     fig = Figure(figsize=(6.0, 3.6), layout="constrained")
     ax = fig.subplots()

@@ -1,7 +1,7 @@
 """Pure statistics of the (label probability, entropy) plane: the numbers behind the paper's pictures.
 
 Every function takes per-token tensors of the supervised tokens (as in
-:class:`~eaft_pl.losses.TokenStats`) and returns plain tensors or dicts; nothing here knows about
+:class:`~eaft_pl.loss.stats.TokenStats`) and returns plain tensors or dicts; nothing here knows about
 Lightning, MLflow or matplotlib, so the training callback, ``eaft-pl analyze`` and the tests share
 one implementation.
 
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY, confident_conflict_mask
 
 __all__ = [
     "PlaneGrid",
@@ -130,8 +130,8 @@ def conflict_shares(
     norm_entropy: Tensor,
     *,
     quantile: float = 0.15,
-    max_norm_entropy: float = 0.17,
-    max_label_prob: float = 0.1,
+    max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY,
+    max_label_prob: float = CONFLICT_MAX_LABEL_PROB,
     atol: float = 1e-6,
 ) -> Dict[str, float]:
     """Share of confident conflicts under two definitions.
@@ -141,7 +141,7 @@ def conflict_shares(
       tie rule of the module docstring (``atol`` on the entropy only; label probabilities tie only
       when equal).
     - ``absolute``: ``norm_entropy <= max_norm_entropy`` and ``label_prob <= max_label_prob`` (the
-      rule of :func:`eaft_pl.metrics.confident_conflicts`).
+      rule of :func:`eaft_pl.loss.metrics.confident_conflicts`).
 
     Returns:
         ``quantile_share``, ``absolute_share``, the thresholds (``entropy_threshold``,
@@ -233,8 +233,8 @@ def region_masks(
     *,
     low_max: float = 0.5,
     high_min: float = 2.0,
-    max_norm_entropy: float = 0.17,
-    max_label_prob: float = 0.1,
+    max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY,
+    max_label_prob: float = CONFLICT_MAX_LABEL_PROB,
 ) -> Dict[str, Tensor]:
     """Boolean masks of :data:`REGIONS`: every token, the confident conflicts (absolute thresholds),
     low-entropy and high-entropy tokens (nats)."""
@@ -253,7 +253,7 @@ class PlaneAccumulator:
     bucketed CE and the gradient proxy by region.
 
     The gradient proxy is the norm of the CE gradient on the logits, ``g = ||softmax(z) - e_y||``
-    (:func:`eaft_pl.losses.logit_grad_norm`), for SFT, and ``w * g`` for the active gate.
+    (:func:`eaft_pl.loss.stats.logit_grad_norm`), for SFT, and ``w * g`` for the active gate.
 
     Attributes:
         grid: The histogram's bins (entropy in nats).
@@ -266,8 +266,8 @@ class PlaneAccumulator:
     grid: PlaneGrid
     low_max: float = 0.5
     high_min: float = 2.0
-    max_norm_entropy: float = 0.17
-    max_label_prob: float = 0.1
+    max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY
+    max_label_prob: float = CONFLICT_MAX_LABEL_PROB
     sums: Dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

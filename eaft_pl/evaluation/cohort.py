@@ -23,12 +23,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from eaft_pl.diagnostics import quantile_threshold
+from eaft_pl.analysis.statistics import quantile_threshold
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
-from eaft_pl.lora import AdapterDisabled
-from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.training.lora import AdapterDisabled
+from eaft_pl.loss.conflict import confident_conflict_mask
 from eaft_pl.data.chat import batch_to
-from eaft_pl.sharded import gather_full_model, refuse_unsupported_sharding
+from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding
 
 __all__ = ["tied_quantile_threshold", "CohortThresholds", "cohort_means", "ConflictCohortCallback"]
 
@@ -110,7 +110,7 @@ class ConflictCohortCallback(PeriodicEvaluation):
 
     The records are also kept in :attr:`history`, and the callback's own wall time in :attr:`seconds`
     (the README quotes it against the training time). Scoring runs on rank zero; under FSDP every rank
-    first helps gather the full weights into a copy there (:func:`eaft_pl.sharded.gather_full_model`).
+    first helps gather the full weights into a copy there (:func:`eaft_pl.training.sharded.gather_full_model`).
 
     Args:
         enabled: Set to false to switch the tracking off.

@@ -1,6 +1,6 @@
-"""torchmetrics metrics over the per-token statistics of :mod:`eaft_pl.losses`.
+"""torchmetrics metrics over the per-token statistics of :mod:`eaft_pl.loss.stats`.
 
-The metrics read the very :class:`~eaft_pl.losses.TokenStats` the loss was computed from, so what is
+The metrics read the very :class:`~eaft_pl.loss.stats.TokenStats` the loss was computed from, so what is
 logged and what is trained on cannot disagree (the shifted, supervised tokens only).
 """
 
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from eaft_pl.losses import TokenStats
-from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.loss.stats import TokenStats
+from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY, confident_conflict_mask
 
 __all__ = ["TokenStatsMetric", "confident_conflicts"]
 
@@ -54,8 +54,8 @@ class TokenStatsMetric(Metric):
 
     def __init__(
         self,
-        conflict_max_norm_entropy: float = 0.17,
-        conflict_max_label_prob: float = 0.1,
+        conflict_max_norm_entropy: float = CONFLICT_MAX_NORM_ENTROPY,
+        conflict_max_label_prob: float = CONFLICT_MAX_LABEL_PROB,
         full_entropy: bool = False,
         **kwargs,
     ) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from eaft_pl.lora import is_peft_model, require_peft
+from eaft_pl.training.lora import is_peft_model, require_peft
 
 __all__ = ["gather_full_model", "unwrapped_name", "refuse_unsupported_sharding"]
 
@@ -156,7 +156,7 @@ def gather_full_model(
     """The whole ``model`` on rank zero, ``None`` on the other ranks. Call it on EVERY rank (under FSDP
     it runs collectives; a rank that skips it leaves the others waiting).
 
-    - FSDP (Lightning's ``FSDPStrategy`` and :class:`~eaft_pl.strategies.DecoderLayerFSDPStrategy`): rank
+    - FSDP (Lightning's ``FSDPStrategy`` and :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy`): rank
       zero gets a new model of the same classes (PEFT wrapper and adapters included) holding the full
       current weights, in eval mode; the training model is not touched. Drop the copy when done.
     - Unsharded strategies (single device, DDP): the model itself on rank zero; no copy, ``device`` and

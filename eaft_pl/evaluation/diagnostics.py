@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid
+from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid
 from eaft_pl.tracking import mlflow_loggers
 
 __all__ = ["DiagnosticsCallback"]
@@ -146,7 +146,7 @@ class DiagnosticsCallback(Callback):
 
     @staticmethod
     def _figure(record: Dict[str, Any], acc: PlaneAccumulator) -> Any:
-        from eaft_pl.plots import plane_figure  # matplotlib only when a figure is drawn
+        from eaft_pl.analysis.plots import plane_figure  # matplotlib only when a figure is drawn
 
         counts = [[c or None for c in row] for row in record["counts"]]
         return plane_figure(

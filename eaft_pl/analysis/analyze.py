@@ -8,7 +8,7 @@ training split. For every supervised token it computes the label probability p, 
 (and, on request, the full entropy) and the logit-gradient norm, and reports:
 
 - the share of confident conflicts by quantile thresholds (bottom ``quantile`` of both H and p, tie
-  rule in :mod:`eaft_pl.diagnostics`) and by the model's absolute thresholds;
+  rule in :mod:`eaft_pl.analysis.statistics`) and by the model's absolute thresholds;
 - a (p, H) heatmap (``plane.png``), the gradient landscape of SFT against EAFT (``gradient.png``) and
   the distribution of EAFT weights (``weights.png``: how much of the SFT signal EAFT keeps);
 - the most frequent confident-conflict tokens and the conversations holding most of them (the
@@ -36,13 +36,13 @@ from lightning.pytorch.cli import SaveConfigCallback
 from torch import Tensor
 
 from eaft_pl.data.chat import DataError, EncodedExample, batch_to, collate, pad_token_id
-from eaft_pl.diagnostics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
+from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
 from eaft_pl.fileio import atomic_write
-from eaft_pl.losses import IGNORE_INDEX, token_statistics
-from eaft_pl.reference_gates import confident_conflict_mask
+from eaft_pl.loss.stats import IGNORE_INDEX, token_statistics
+from eaft_pl.loss.conflict import confident_conflict_mask
 from eaft_pl.tracking import mlflow_loggers, run_tags
 
-__all__ = ["EAFTTrainer", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
+__all__ = ["run_analysis", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
 
 
 @dataclass
@@ -282,209 +282,138 @@ def _cell(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-class EAFTTrainer(Trainer):
-    """Lightning's ``Trainer`` plus the ``analyze`` and ``export`` subcommands of ``eaft-pl``
-    (everything else is unchanged: ``fit``, ``validate``, ``test`` and ``predict`` are Lightning's)."""
+def run_analysis(trainer: Trainer, model: Any, datamodule: Any, **options: Any) -> Dict[str, Any]:
+    """The ``analyze`` subcommand (its options are documented on :meth:`eaft_pl.cli.EAFTTrainer.analyze`):
+    statistics of ``datamodule``'s ``split`` under ``model`` before training, printed, logged to the
+    trainer's MLflow loggers and written to ``output_dir``. The run ends FAILED if anything raises."""
+    quantile, max_examples = options["quantile"], options["max_examples"]
+    if not 0 < quantile <= 1:
+        raise ValueError(f"analyze: quantile must lie in (0, 1], got {quantile}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"analyze: max_examples must be >= 1 or null, got {max_examples}")
+    for logger in mlflow_loggers(trainer):
+        logger.experiment  # noqa: B018 (creates the run now, so its duration is the analysis')
+    try:
+        return _analyze(trainer, model, datamodule, **options)
+    except BaseException:
+        # Never leave the run RUNNING: it ends FAILED and the error propagates.
+        for logger in mlflow_loggers(trainer):
+            logger.finalize("failed")
+        raise
 
-    def export(
-        self, model: Any, ckpt_path: str, output_dir: str, datamodule: Any = None, save_adapter: bool = False
-    ) -> Path:
-        """Write a checkpoint's model and tokenizer as a Hugging Face folder (LoRA merged in).
 
-        ``AutoModelForCausalLM.from_pretrained`` loads the folder without eaft-pl or peft. Reads the
-        same configs as ``fit``.
-
-        Args:
-            model: The EAFTModule of the config (its model is built here, on the CPU).
-            ckpt_path: A checkpoint of a run with this config (``last.ckpt``); LoRA checkpoints hold
-                the adapters only and the base comes from ``model.init_args.model_name_or_path``.
-            output_dir: Folder to write (replaced if it exists; complete or absent).
-            datamodule: Unused (the configs name one).
-            save_adapter: With LoRA, also write the adapters alone under ``<output_dir>/adapter``.
-        """
-        from eaft_pl.export import export_hf_folder, load_module_checkpoint
-
-        load_module_checkpoint(model, ckpt_path)
-        path = export_hf_folder(model, output_dir, save_adapter=save_adapter)
-        print(f"wrote {path}")
-        return path
-
-    def analyze(
-        self,
-        model: Any,
-        datamodule: Any,
-        split: str = "train",
-        max_examples: Optional[int] = 1000,
-        seed: int = 0,
-        batch_size: Optional[int] = None,
-        on_policy: Literal["greedy", "sample", "none"] = "greedy",
-        max_new_tokens: int = 256,
-        temperature: float = 1.0,
-        quantile: float = 0.15,
-        low_entropy_max: float = 0.5,
-        high_entropy_min: float = 2.0,
-        full_entropy: bool = False,
-        bins: int = 20,
-        top: int = 20,
-        output_dir: Optional[str] = None,
-        progress_bar: bool = True,
-    ) -> Dict[str, Any]:
-        """Statistics of the training data under the model as configured (before training): confident
-        conflicts, (p, H) heatmap, EAFT weight distribution, conflict tokens, on-policy contrast.
-
-        Args:
-            model: The EAFTModule of the config (its model is built here).
-            datamodule: The ChatDataModule of the config.
-            split: Data split to analyse (``train``, ``val``, ``test``).
-            max_examples: Analyse a random sample of this many conversations (null: all).
-            seed: Seed of the sample and of sampled answers.
-            batch_size: Conversations per forward pass (default: the data's eval batch size).
-            on_policy: Also score the model's own answers to the same prompts, generated greedily or by
-                sampling; ``none`` skips it.
-            max_new_tokens: Longest generated answer (also capped so that prompt and answer fit the
-                data's ``max_length``).
-            temperature: Sampling temperature (``on_policy: sample``).
-            quantile: The "bottom q" of the quantile conflict rule, for both entropy and probability.
-            low_entropy_max: Low-entropy bucket bound (nats).
-            high_entropy_min: High-entropy bucket bound (nats).
-            full_entropy: Also compute the full-vocabulary entropy and its correlation with top-K.
-            bins: Histogram bins per axis of the (p, H) plane.
-            top: Rows of the conflict-token and conversation tables.
-            output_dir: Also write the artifacts to this folder.
-            progress_bar: Show progress bars on stderr.
-        """
-        if not 0 < quantile <= 1:
-            raise ValueError(f"analyze: quantile must lie in (0, 1], got {quantile}")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"analyze: max_examples must be >= 1 or null, got {max_examples}")
-        for logger in mlflow_loggers(self):
-            logger.experiment  # noqa: B018 (creates the run now, so its duration is the analysis')
-        try:
-            return self._analyze(
-                model, datamodule, split, max_examples, seed, batch_size, on_policy, max_new_tokens, temperature,
-                quantile, low_entropy_max, high_entropy_min, full_entropy, bins, top, output_dir, progress_bar,
+def _analyze(
+    trainer: Trainer, model: Any, datamodule: Any, split: str, max_examples: Optional[int], seed: int, batch_size: Optional[int],
+    on_policy: str, max_new_tokens: int, temperature: float, quantile: float, low_entropy_max: float,
+    high_entropy_min: float, full_entropy: bool, bins: int, top: int, output_dir: Optional[str], progress_bar: bool,
+) -> Dict[str, Any]:
+    examples = analysis_examples(datamodule, split, max_examples, seed)
+    model.configure_model()
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    hp = model.hparams
+    bs = batch_size or datamodule.eval_batch_size
+    ctx = trainer.precision_plugin.forward_context
+    tables = {"sft_data": score_examples(
+        model, examples, batch_size=bs, device=device, full_entropy=full_entropy, forward_context=ctx,
+        progress=progress_bar, desc=f"scoring {split}",
+    )}  # fmt: skip
+    answers: List[EncodedExample] = []
+    if on_policy != "none":
+        answers = on_policy_examples(
+            model, examples, mode=on_policy, max_new_tokens=max_new_tokens, temperature=temperature,
+            batch_size=bs, device=device, seed=seed, progress=progress_bar, max_length=datamodule.max_length,
+        )  # fmt: skip
+        if answers:
+            tables["on_policy"] = score_examples(
+                model, answers, batch_size=bs, device=device, full_entropy=full_entropy, forward_context=ctx,
+                progress=progress_bar, desc="scoring answers",
             )  # fmt: skip
-        except BaseException:
-            # Never leave the run RUNNING: it ends FAILED and the error propagates.
-            for logger in mlflow_loggers(self):
-                logger.finalize("failed")
-            raise
+    top_k = tables["sft_data"].top_k
+    accumulators = {
+        name: PlaneAccumulator(
+            PlaneGrid(math.log(top_k), bins, bins), low_max=low_entropy_max, high_min=high_entropy_min,
+            max_norm_entropy=hp.conflict_max_norm_entropy, max_label_prob=hp.conflict_max_label_prob,
+        )
+        for name in tables
+    }  # fmt: skip
+    summary: Dict[str, Any] = {
+        "split": split,
+        "examples_analysed": len(examples),
+        "on_policy_mode": on_policy,
+        "top_k": top_k,
+        "quantile": quantile,
+        "gate": repr(model.gate),
+    }
+    for name, table in tables.items():
+        summary[name] = summarise_tokens(
+            table, quantile=quantile, max_norm_entropy=hp.conflict_max_norm_entropy,
+            max_label_prob=hp.conflict_max_label_prob, accumulator=accumulators[name], gate_name=model.gate.name,
+        )  # fmt: skip
+        summary[name]["plane"] = accumulators[name].summary()
+    summary.update(conflict_tables(model, examples, tables["sft_data"], top))
+    print(format_summary(summary))
+    log_analysis(trainer, model, datamodule, summary, accumulators, output_dir)
+    return summary
 
-    def _analyze(
-        self, model: Any, datamodule: Any, split: str, max_examples: Optional[int], seed: int, batch_size: Optional[int],
-        on_policy: str, max_new_tokens: int, temperature: float, quantile: float, low_entropy_max: float,
-        high_entropy_min: float, full_entropy: bool, bins: int, top: int, output_dir: Optional[str], progress_bar: bool,
-    ) -> Dict[str, Any]:
-        examples = self._analysis_examples(datamodule, split, max_examples, seed)
-        model.configure_model()
-        device = self.strategy.root_device
-        model.to(device).eval()
-        hp = model.hparams
-        bs = batch_size or datamodule.eval_batch_size
-        ctx = self.precision_plugin.forward_context
-        tables = {"sft_data": score_examples(
-            model, examples, batch_size=bs, device=device, full_entropy=full_entropy, forward_context=ctx,
-            progress=progress_bar, desc=f"scoring {split}",
-        )}  # fmt: skip
-        answers: List[EncodedExample] = []
-        if on_policy != "none":
-            answers = on_policy_examples(
-                model, examples, mode=on_policy, max_new_tokens=max_new_tokens, temperature=temperature,
-                batch_size=bs, device=device, seed=seed, progress=progress_bar, max_length=datamodule.max_length,
-            )  # fmt: skip
-            if answers:
-                tables["on_policy"] = score_examples(
-                    model, answers, batch_size=bs, device=device, full_entropy=full_entropy, forward_context=ctx,
-                    progress=progress_bar, desc="scoring answers",
-                )  # fmt: skip
-        top_k = tables["sft_data"].top_k
-        accumulators = {
-            name: PlaneAccumulator(
-                PlaneGrid(math.log(top_k), bins, bins), low_max=low_entropy_max, high_min=high_entropy_min,
-                max_norm_entropy=hp.conflict_max_norm_entropy, max_label_prob=hp.conflict_max_label_prob,
-            )
-            for name in tables
-        }  # fmt: skip
-        summary: Dict[str, Any] = {
-            "split": split,
-            "examples_analysed": len(examples),
-            "on_policy_mode": on_policy,
-            "top_k": top_k,
-            "quantile": quantile,
-            "gate": repr(model.gate),
+
+def analysis_examples(datamodule: Any, split: str, max_examples: Optional[int], seed: int) -> List[EncodedExample]:
+    datamodule.prepare_data()
+    # "fit" loads train and validation splits; None loads every split the DataModule has, skipping
+    # missing ones, so that a missing split gets the message below.
+    datamodule.setup("fit" if split == "train" or split.startswith("val") else None)
+    if split not in datamodule.datasets:
+        raise DataError(
+            f"analyze: the DataModule {type(datamodule).__name__} has no {split!r} split "
+            f"(it has {sorted(datamodule.datasets)}); set --split"
+        )
+    examples = list(datamodule.datasets[split])
+    if max_examples is not None and max_examples < len(examples):
+        keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
+        examples = [examples[i] for i in keep]
+    return examples
+
+def conflict_tables(model: Any, examples: List[EncodedExample], table: TokenTable, top: int) -> Dict[str, Any]:
+    hp = model.hparams
+    flags = confident_conflict_mask(table.norm_entropy, table.label_prob, hp.conflict_max_norm_entropy, hp.conflict_max_label_prob)
+    total = max(int(flags.sum()), 1)
+    tok = model.tokenizer
+    tokens = [
+        {
+            "token": tok.convert_ids_to_tokens(r["key"]),
+            "token_id": r["key"],
+            "conflicts": r["flagged"],
+            "occurrences": r["total"],
+            "share_of_conflicts": r["flagged"] / total,
         }
-        for name, table in tables.items():
-            summary[name] = summarise_tokens(
-                table, quantile=quantile, max_norm_entropy=hp.conflict_max_norm_entropy,
-                max_label_prob=hp.conflict_max_label_prob, accumulator=accumulators[name], gate_name=model.gate.name,
-            )  # fmt: skip
-            summary[name]["plane"] = accumulators[name].summary()
-        summary.update(self._conflict_tables(model, examples, tables["sft_data"], top))
-        print(format_summary(summary))
-        self._log(model, datamodule, summary, accumulators, output_dir)
-        return summary
+        for r in top_counts(table.token_id, flags, top)
+    ]
+    conversations = []
+    for r in top_counts(table.example, flags, top):
+        ex = examples[r["key"]]
+        answer = [t for t, y in zip(ex.input_ids, ex.labels) if y != IGNORE_INDEX]
+        conversations.append({
+            "source": ex.source, "conflicts": r["flagged"], "tokens": r["total"],
+            "share": r["flagged"] / r["total"], "answer": tok.decode(answer),
+        })  # fmt: skip
+    return {"top_conflict_tokens": tokens, "top_conflict_conversations": conversations}
 
-    # ---- pieces ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _analysis_examples(datamodule: Any, split: str, max_examples: Optional[int], seed: int) -> List[EncodedExample]:
-        datamodule.prepare_data()
-        # "fit" loads train and validation splits; None loads every split the DataModule has, skipping
-        # missing ones, so that a missing split gets the message below.
-        datamodule.setup("fit" if split == "train" or split.startswith("val") else None)
-        if split not in datamodule.datasets:
-            raise DataError(
-                f"analyze: the DataModule {type(datamodule).__name__} has no {split!r} split "
-                f"(it has {sorted(datamodule.datasets)}); set --split"
-            )
-        examples = list(datamodule.datasets[split])
-        if max_examples is not None and max_examples < len(examples):
-            keep = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
-            examples = [examples[i] for i in keep]
-        return examples
-
-    @staticmethod
-    def _conflict_tables(model: Any, examples: List[EncodedExample], table: TokenTable, top: int) -> Dict[str, Any]:
-        hp = model.hparams
-        flags = confident_conflict_mask(table.norm_entropy, table.label_prob, hp.conflict_max_norm_entropy, hp.conflict_max_label_prob)
-        total = max(int(flags.sum()), 1)
-        tok = model.tokenizer
-        tokens = [
-            {
-                "token": tok.convert_ids_to_tokens(r["key"]),
-                "token_id": r["key"],
-                "conflicts": r["flagged"],
-                "occurrences": r["total"],
-                "share_of_conflicts": r["flagged"] / total,
-            }
-            for r in top_counts(table.token_id, flags, top)
-        ]
-        conversations = []
-        for r in top_counts(table.example, flags, top):
-            ex = examples[r["key"]]
-            answer = [t for t, y in zip(ex.input_ids, ex.labels) if y != IGNORE_INDEX]
-            conversations.append({
-                "source": ex.source, "conflicts": r["flagged"], "tokens": r["total"],
-                "share": r["flagged"] / r["total"], "answer": tok.decode(answer),
-            })  # fmt: skip
-        return {"top_conflict_tokens": tokens, "top_conflict_conversations": conversations}
-
-    def _log(
-        self, model: Any, datamodule: Any, summary: Dict[str, Any], accumulators: Dict[str, PlaneAccumulator], output_dir: Optional[str]
-    ) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(output_dir) if output_dir else Path(tmp)
-            write_artifacts(summary, accumulators, folder)
-            for callback in self.callbacks:
-                if isinstance(callback, SaveConfigCallback):
-                    callback.setup(self, model, "analyze")  # the config artifact, as `fit` logs it
-            for logger in mlflow_loggers(self):
-                client, run_id = logger.experiment, logger.run_id
-                for key, value in run_tags(model, datamodule, "analyze").items():
-                    client.set_tag(run_id, key, value[:5000])
-                logger.log_metrics(analysis_metrics(summary), step=0)
-                client.log_artifacts(run_id, str(folder), "analyze")
-                logger.finalize("success")
+def log_analysis(
+    trainer: Trainer, model: Any, datamodule: Any, summary: Dict[str, Any], accumulators: Dict[str, PlaneAccumulator], output_dir: Optional[str]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(output_dir) if output_dir else Path(tmp)
+        write_artifacts(summary, accumulators, folder)
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                callback.setup(trainer, model, "analyze")  # the config artifact, as `fit` logs it
+        for logger in mlflow_loggers(trainer):
+            client, run_id = logger.experiment, logger.run_id
+            for key, value in run_tags(model, datamodule, "analyze").items():
+                client.set_tag(run_id, key, value[:5000])
+            logger.log_metrics(analysis_metrics(summary), step=0)
+            client.log_artifacts(run_id, str(folder), "analyze")
+            logger.finalize("success")
 
 
 def analysis_metrics(summary: Dict[str, Any]) -> Dict[str, float]:
@@ -508,7 +437,7 @@ def analysis_metrics(summary: Dict[str, Any]) -> Dict[str, float]:
 def write_artifacts(summary: Dict[str, Any], accumulators: Dict[str, PlaneAccumulator], folder: Path) -> None:
     """Write ``summary.json``, ``report.md`` and the figures (``plane.png``, ``gradient.png``,
     ``weights.png``) of an analysis to ``folder``."""
-    from eaft_pl.plots import plane_figure, save_figure, weights_figure
+    from eaft_pl.analysis.plots import plane_figure, save_figure, weights_figure
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

@@ -33,16 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eaft_pl.losses import (
-    IGNORE_INDEX,
-    Gate,
-    TokenStats,
-    _validate_top_k,
-    divide_weighted_sum,
-    row_blocks,
-    row_statistics_,
-    softmax_minus_onehot_,
-)
+from eaft_pl.loss.gates import Gate
+from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats, _validate_top_k, divide_weighted_sum, row_blocks, row_statistics_, softmax_minus_onehot_
 
 __all__ = ["LogitTransform", "chunked_token_statistics", "chunked_gated_loss", "check_chunked_support"]
 
@@ -211,7 +203,7 @@ def chunked_token_statistics(
 ) -> Tuple[TokenStats, Tensor, Tensor]:
     """Statistics, gate weights and the weighted CE sum from hidden states, without full logits.
 
-    Equivalent to :func:`eaft_pl.losses.token_statistics` on ``transform(hidden @ weight.T + bias)``
+    Equivalent to :func:`eaft_pl.loss.stats.token_statistics` on ``transform(hidden @ weight.T + bias)``
     followed by ``gate`` and ``sum(weights * ce)``, in values and in gradients (with respect to
     ``hidden``, ``weight`` and ``bias``), for every gate.
 
@@ -219,7 +211,7 @@ def chunked_token_statistics(
         hidden: ``(B, T, H)`` or ``(T, H)`` final hidden states (after the model's last norm).
         weight: ``(V, H)`` LM-head weight (the input embedding when they are tied).
         labels: ``(B, T)`` or ``(T,)`` labels aligned with the inputs; shifted by one inside.
-        gate: Any :class:`~eaft_pl.losses.Gate`.
+        gate: Any :class:`~eaft_pl.loss.gates.Gate`.
         bias: ``(V,)`` LM-head bias, if the model has one.
         top_k: K of the top-K entropy; clamped to the vocabulary size.
         chunk_size: Tokens per chunk; peak extra memory is a few ``(chunk_size, V)`` fp32 buffers.
@@ -228,7 +220,7 @@ def chunked_token_statistics(
         compute_full_entropy: Also compute the full-vocabulary entropy.
         compute_grad_norm: Also compute ``||softmax - onehot||`` per token.
         reference: Reference-model statistics ``name -> (B, T)`` aligned with ``labels``, as in
-            :func:`eaft_pl.losses.token_statistics`; carried into ``stats.reference`` and sliced per chunk.
+            :func:`eaft_pl.loss.stats.token_statistics`; carried into ``stats.reference`` and sliced per chunk.
 
     Returns:
         ``(stats, weights, weighted_sum)``: detached per-token statistics (``stats.ce`` carries no
@@ -273,7 +265,7 @@ def chunked_gated_loss(
     num_items_in_batch: Optional[Union[int, Tensor]] = None,
     **options: Any,
 ) -> Tensor:
-    """The chunked counterpart of :func:`eaft_pl.losses.gated_loss`: ``sum(w * CE)`` divided by
+    """The chunked counterpart of :func:`eaft_pl.loss.functional.gated_loss`: ``sum(w * CE)`` divided by
     ``num_items_in_batch`` when given, else by the number of supervised tokens. ``options`` are those of
     :func:`chunked_token_statistics` (``bias``, ``top_k``, ``chunk_size``, ``transform``, ...)."""
     stats, _, total = chunked_token_statistics(hidden, weight, labels, gate, **options)

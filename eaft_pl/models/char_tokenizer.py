@@ -5,7 +5,7 @@ The quickstart and the tests need a real ``PreTrainedTokenizerFast`` (offsets, c
 one token, plus the ChatML control tokens; the template has no ``{% generation %}`` markers, like
 Qwen's, so the prefix-rendering path of the data pipeline is what finds the assistant tokens.
 
-Rebuild the shipped copy with ``python -m eaft_pl.tiny data/quickstart/tokenizer``.
+Rebuild the shipped copy with ``python -m eaft_pl.models.char_tokenizer data/quickstart/tokenizer``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,6 @@ def build_char_tokenizer(chat_template: Optional[str] = CHATML_TEMPLATE) -> Any:
 
 if __name__ == "__main__":  # pragma: no cover - a maintenance command
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m eaft_pl.tiny OUTPUT_DIR")
+        sys.exit("usage: python -m eaft_pl.models.char_tokenizer OUTPUT_DIR")
     build_char_tokenizer().save_pretrained(sys.argv[1])
     print(f"wrote {sys.argv[1]}")

@@ -1,0 +1,74 @@
+"""What ``eaft-pl predict`` writes: per-example means of the token statistics, as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from eaft_pl.tracking import mlflow_loggers
+
+__all__ = ["TokenStatsWriter"]
+
+
+class TokenStatsWriter(BasePredictionWriter):
+    """Writes what ``eaft-pl predict`` computes: one JSON line per example with its source
+    (``file:line``) and the means of its supervised tokens (ce, label_prob, topk_entropy, weight,
+    tokens). The file appears whole or not at all (written to a temporary name, then renamed) and is
+    logged to the MLflow run as an artifact. Under several processes each rank writes
+    ``<stem>.rank<k><suffix>``.
+
+    Args:
+        output_file: Path of the JSONL file.
+    """
+
+    def __init__(self, output_file: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output_file = output_file
+        self._handle: Any = None
+        self._path: Optional[str] = None
+
+    def _final_path(self, trainer: pl.Trainer) -> str:
+        if trainer.world_size == 1:
+            return self.output_file
+        stem, suffix = os.path.splitext(self.output_file)
+        return f"{stem}.rank{trainer.global_rank}{suffix}"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._path = self._final_path(trainer)
+        os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+        self._handle = open(self._path + ".tmp", "w")
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        dataset = getattr(getattr(trainer, "datamodule", None), "datasets", {}).get("val")
+        n = len(prediction["tokens"])
+        indices = list(batch_indices) if batch_indices is not None else [None] * n
+        for row, index in enumerate(indices):
+            record = {"index": index}
+            if dataset is not None and index is not None:
+                record["source"] = dataset[index].source
+            record.update({key: float(value[row]) for key, value in prediction.items()})
+            self._handle.write(json.dumps(record) + "\n")
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._handle.close()
+        os.replace(self._path + ".tmp", self._path)
+        for logger in mlflow_loggers(trainer):
+            logger.experiment.log_artifact(logger.run_id, self._path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+            os.remove(self._path + ".tmp")  # no half-written predictions

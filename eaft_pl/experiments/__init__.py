@@ -1,0 +1,1 @@
+"""Embedded experiments: self-contained worlds that run offline, with their DataModules and drivers."""
