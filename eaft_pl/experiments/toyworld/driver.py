@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "toy"  # the repository's configs
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "toy"  # package data: works installed as a wheel
 ALL_METHODS = [
     "sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft",
     # from the base model (the reference pass): static gates, FLOW, and the KL baselines
