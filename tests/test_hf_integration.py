@@ -372,3 +372,15 @@ def test_docs_example_runs_as_written(tmp_path, char_tokenizer):
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home"), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_docs_quote_the_committed_benchmark():
+    """The ratios on docs/huggingface.md are those of docs/results/bench_hf_memory.json."""
+    import json
+
+    results = json.loads((REPO / "docs" / "results" / "bench_hf_memory.json").read_text())
+    page = (REPO / "docs" / "huggingface.md").read_text()
+    assert results["same_first_loss"]
+    for ratio in results["ratios"].values():
+        assert f"**{ratio} times**" in page
+    assert f"commit `{results['commit'][:7]}`" in page
