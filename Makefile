@@ -33,8 +33,8 @@ demo: $(STAMP)
 
 # The pipeline in 40 seconds: a tiny model trained from scratch on 400 chats with SFT and EAFT.
 quickstart: $(STAMP)
-	$(BIN)/eaft-pl fit --config configs/quickstart/base.yaml --config configs/quickstart/sft.yaml
-	$(BIN)/eaft-pl fit --config configs/quickstart/base.yaml --config configs/quickstart/eaft.yaml
+	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/sft.yaml
+	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/eaft.yaml
 	$(BIN)/python scripts/show_runs.py --experiment quickstart --limit 2
 
 # The README's figures, from real runs: 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded
@@ -46,7 +46,7 @@ figures: $(STAMP)
 	rm -rf $(FIGURES)
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 --methods sft eaft eaft2 --lrs 3e-4 1e-3 \
 		--tracking-uri $(FIGURES_STORE) --results $(FIGURES)/results.json
-	$(BIN)/eaft-pl analyze --config configs/toy/finetune.yaml --config configs/toy/eaft.yaml \
+	$(BIN)/eaft-pl analyze --config configs/setup/toy_finetune.yaml --config configs/method/eaft.yaml \
 		--trainer.logger.init_args.tracking_uri=$(FIGURES_STORE) --trainer.logger.init_args.run_name=analyze-base-seed0 \
 		--output_dir $(FIGURES)/analyze --progress_bar false
 	$(BIN)/eaft-pl compare --experiment toyworld --tracking-uri $(FIGURES_STORE) --out $(FIGURES)/compare

@@ -63,8 +63,8 @@ def main() -> Dict[str, object]:
     from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid
     from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
 
-    pretrain = yaml.safe_load((REPO / "configs" / "toy" / "pretrain.yaml").read_text())
-    finetune = yaml.safe_load((REPO / "configs" / "toy" / "finetune.yaml").read_text())
+    pretrain = yaml.safe_load((REPO / "configs" / "setup" / "toy_pretrain.yaml").read_text())
+    finetune = yaml.safe_load((REPO / "configs" / "setup" / "toy_finetune.yaml").read_text())
     data_args = finetune["data"]["init_args"]
     model_config = dict(pretrain["model"]["init_args"]["model_config"], max_position_embeddings=data_args["max_length"])
 

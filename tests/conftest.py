@@ -35,3 +35,19 @@ def tokenizer_dir(tmp_path_factory, char_tokenizer):
     path = tmp_path_factory.mktemp("tokenizer")
     char_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Instantiating a shipped config must load no tokenizer, model or dataset: the model is built
+    later (configure_model), the data at setup."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a config loaded something while being instantiated: {args}")
+
+    import datasets
+    import transformers
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)

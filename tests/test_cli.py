@@ -15,7 +15,7 @@ from conftest import REPO
 from eaft_pl.cli import cli_main
 
 CONFIGS = REPO / "configs"
-BASE = CONFIGS / "quickstart" / "base.yaml"
+BASE = CONFIGS / "setup" / "quickstart.yaml"
 DATA = REPO / "data" / "quickstart"
 
 METRICS = ["ce", "loss", "label_prob", "topk_entropy", "eaft_weight", "weight", "conflict_share", "tokens"]
@@ -25,7 +25,7 @@ def quick_args(tmp_path, method="eaft", steps=6, extra=()):
     """Quickstart config, shortened, with every path made absolute (the test runs in tmp_path)."""
     return [
         "--config", str(BASE),
-        "--config", str(CONFIGS / "quickstart" / f"{method}.yaml"),
+        "--config", str(CONFIGS / "method" / f"{method}.yaml"),
         f"--trainer.max_steps={steps}",
         "--trainer.val_check_interval=6",
         "--trainer.log_every_n_steps=1",
@@ -136,15 +136,6 @@ def test_help_shows_the_docstrings(capsys):
     assert "# Truncate conversations to this many tokens" in out
 
 
-#: Folders of files that only work combined (a recipe, a method and a scale-out overlay): every
-#: combination is instantiated by tests/test_recipes.py and tests/test_scale.py.
-COMBINED = ("recipes", "scale")
-
-
-def shipped_configs():
-    return sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in COMBINED)
-
-
 def test_the_quickstart_ends_on_a_validation_and_a_checkpoint():
     # Lightning validates (and ModelCheckpoint saves) every val_check_interval micro-batches. The last
     # optimizer step must coincide with one, or the final model is neither evaluated nor saved.
@@ -160,33 +151,12 @@ def test_the_quickstart_ends_on_a_validation_and_a_checkpoint():
 
 def test_command_line_overrides_reach_interpolated_values(in_tmp):
     # omegaconf+ resolves ${...} after all overrides: the seed moves the base path and the torch seed.
-    cli = cli_main(["--config", str(CONFIGS / "toy" / "finetune.yaml"), "--data.init_args.seed=2"], run=False)
+    cli = cli_main(["--config", str(CONFIGS / "setup" / "toy_finetune.yaml"), "--data.init_args.seed=2"], run=False)
     assert cli.config["seed_everything"] == 2
     assert cli.config["model"]["init_args"]["model_name_or_path"].endswith("base-seed2")
-    cli = cli_main(["--config", str(CONFIGS / "toy" / "pretrain.yaml"), "--data.init_args.seed=1", "--data.init_args.max_length=48"], run=False)
+    cli = cli_main(["--config", str(CONFIGS / "setup" / "toy_pretrain.yaml"), "--data.init_args.seed=1", "--data.init_args.max_length=48"], run=False)
     assert cli.config["trainer"]["logger"]["init_args"]["run_name"] == "base-seed1"
     assert cli.config["model"]["init_args"]["model_config"]["max_position_embeddings"] == 48
-
-
-def test_there_are_configs_to_check():
-    assert BASE in shipped_configs() and len(shipped_configs()) >= 3
-
-
-def is_full_config(path):
-    return "trainer" in yaml.safe_load(path.read_text())
-
-
-@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_shipped_config_parses_and_instantiates(path, in_tmp):
-    # A full config (it has a trainer section) parses on its own; a method file is an overlay on the
-    # base.yaml or finetune.yaml of its folder.
-    if is_full_config(path):
-        args = ["--config", str(path)]
-    else:
-        (base,) = [p for p in (path.parent / "base.yaml", path.parent / "finetune.yaml") if p.is_file()]
-        args = ["--config", str(base), "--config", str(path)]
-    cli = cli_main(args, run=False)  # run=False: no subcommand
-    assert cli.model.gate is not None and cli.datamodule is not None
 
 
 @pytest.mark.slow

@@ -198,7 +198,7 @@ def test_bad_options_name_their_key(kwargs, key):
 
 
 def test_the_cli_parses_lora_from_yaml_and_reports_bad_values(tmp_path):
-    base = ["--config", str(REPO / "configs/quickstart/base.yaml"), "--config", str(REPO / "configs/quickstart/eaft.yaml")]
+    base = ["--config", str(REPO / "configs/setup/quickstart.yaml"), "--config", str(REPO / "configs/method/eaft.yaml")]
     config = tmp_path / "lora.yaml"
     config.write_text("model:\n  init_args:\n    lora: {r: 8, alpha: 16, dropout: 0.1, target_modules: [q_proj, v_proj]}\n")
     cli = cli_main([*base, "--config", str(config), "--trainer.logger=false"], run=False)

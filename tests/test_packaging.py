@@ -11,6 +11,8 @@ from tests.conftest import REPO
 def test_the_driver_reads_its_configs_from_the_package():
     package = REPO / "eaft_pl"
     assert driver.CONFIGS.is_dir() and package.resolve() in driver.CONFIGS.resolve().parents
+    assert driver.PRETRAIN.is_file() and driver.FINETUNE.is_file()
+    assert all((driver.METHODS / f"{m}.yaml").is_file() for m in driver.ALL_METHODS)
     assert (REPO / "configs").resolve() == (package / "configs").resolve()  # the checkout's link
 
 

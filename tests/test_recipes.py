@@ -1,4 +1,4 @@
-"""The paper's recipes (configs/recipes/): every domain x method x scale-out combination parses and
+"""The paper's recipes (configs/setup/paper.yaml with a domain file of configs/setup/): every domain x method x scale-out combination parses and
 instantiates its classes on CPU without downloading anything, with the paper's hyperparameters."""
 
 import re
@@ -14,7 +14,8 @@ from eaft_pl.data.layouts import RecordLayout
 from eaft_pl.evaluation import LMEvalCallback
 from eaft_pl.loss.gates import EAFTGate, SFTGate
 
-RECIPES = REPO / "configs" / "recipes"
+SETUP = REPO / "configs" / "setup"
+METHOD = REPO / "configs" / "method"
 DOMAINS = {
     "qwen3_4b_math": "Qwen/Qwen3-4B-Instruct-2507",
     "qwen3_4b_medical": "Qwen/Qwen3-4B-Thinking-2507",
@@ -26,23 +27,8 @@ METHODS = {"sft": SFTGate, "eaft": EAFTGate}
 OVERLAYS = ["ddp_1x8", "fsdp_1x8", "fsdp_2x8", "fsdp_4x8"]
 
 
-@pytest.fixture
-def no_downloads(monkeypatch):
-    """Instantiating a recipe must not load a tokenizer, a model or a dataset."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a recipe loaded something while being instantiated: {args}")
-
-    import datasets
-    import transformers
-
-    monkeypatch.setattr(datasets, "load_dataset", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
 def instantiate(domain, method, overlay, launcher_order=False):
-    files = [RECIPES / "paper.yaml", RECIPES / f"{domain}.yaml", RECIPES / f"{method}.yaml", REPO / "configs" / "scale" / f"{overlay}.yaml"]
+    files = [SETUP / "paper.yaml", SETUP / f"{domain}.yaml", METHOD / f"{method}.yaml", REPO / "configs" / "scale" / f"{overlay}.yaml"]
     if launcher_order:  # scripts/launch_multinode.sh passes RECIPE, OVERLAY, then the extra --config files
         files = [files[0], files[3], files[1], files[2]]
     args = [a for f in files for a in ("--config", str(f))]
@@ -85,7 +71,7 @@ def test_the_multinode_launcher_order_gives_the_same_run(tmp_path, monkeypatch, 
 def test_recipe_comments_state_the_step_arithmetic():
     # "ceil(N samples / 64) = S steps per epoch x 10 epochs = T optimizer steps" must add up.
     for domain in DOMAINS:
-        text = (RECIPES / f"{domain}.yaml").read_text()
+        text = (SETUP / f"{domain}.yaml").read_text()
         pattern = r"ceil\(([\d,]+) samples / 64\) = ([\d,]+) steps per epoch x 10 epochs = ([\d,]+) optimizer steps"
         found = re.findall(pattern, re.sub(r"\n# ?", " ", text))
         assert found, f"{domain}: no step arithmetic in the comments"
@@ -95,7 +81,7 @@ def test_recipe_comments_state_the_step_arithmetic():
 
 
 def test_medical_recipe_maps_huatuo_columns_to_a_reasoning_turn():
-    init = yaml.safe_load((RECIPES / "qwen3_4b_medical.yaml").read_text())["data"]["init_args"]
+    init = yaml.safe_load((SETUP / "qwen3_4b_medical.yaml").read_text())["data"]["init_args"]
     layout = RecordLayout(init["layout"], init["columns"])
     record = {"Question": "A 45-year-old ...?", "Complex_CoT": "Consider ...", "Response": "Start with ..."}
     conversation = layout.to_conversation(record, "huatuo:0")

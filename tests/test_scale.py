@@ -27,7 +27,7 @@ from test_ddp import assert_records_equal, max_gap
 
 SCALE = REPO / "configs" / "scale"
 OVERLAYS = sorted(SCALE.glob("*.yaml"))
-RECIPE = REPO / "configs" / "quickstart" / "base.yaml"  # stands in for a configs/recipes/ file
+RECIPE = REPO / "configs" / "setup" / "quickstart.yaml"  # stands in for a paper recipe
 GLOBAL_BATCH = 64  # the paper's
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
@@ -273,5 +273,5 @@ def test_launcher_names_what_is_missing():
         env={**env, "PYTHON": sys.executable, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode != 0 and "MASTER_ADDR" in run.stderr
-    run = launch("srun", "r.yaml", str(REPO / "configs" / "quickstart" / "eaft.yaml"))  # no trainer.devices
+    run = launch("srun", "r.yaml", str(REPO / "configs" / "method" / "eaft.yaml"))  # no trainer.devices
     assert run.returncode != 0 and "trainer.devices" in run.stderr

@@ -1,7 +1,7 @@
 """``eaft-pl analyze``: where the training data falls in the (label probability, entropy) plane under
 the base model, against the model's own responses to the same prompts (the paper's Fig. 1b).
 
-    eaft-pl analyze --config configs/toy/finetune.yaml --config configs/toy/eaft.yaml [--max_examples 500]
+    eaft-pl analyze --config configs/setup/toy_finetune.yaml --config configs/method/eaft.yaml [--max_examples 500]
 
 It reads the same YAML configs as ``fit``: the model (before any training) and the DataModule's
 training split. For every supervised token it computes the label probability p, the top-K entropy H

@@ -23,7 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "toy"  # package data: works installed as a wheel
+# Package data, so an installed wheel finds them: the world's two setups and the shared method overlays.
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PRETRAIN = CONFIGS / "setup" / "toy_pretrain.yaml"
+FINETUNE = CONFIGS / "setup" / "toy_finetune.yaml"
+METHODS = CONFIGS / "method"
 ALL_METHODS = [
     "sft", "eaft", "eaft2", "eaft_sigmoid", "entropy_mask", "conflict_mask", "dft",
     # from the base model (the reference pass): static gates, FLOW, and the KL baselines
@@ -67,7 +71,7 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
     from eaft_pl.experiments.toyworld import datamodule as toy, world as toyworld
 
     recipe = (
-        (CONFIGS / "pretrain.yaml").read_text()
+        PRETRAIN.read_text()
         + Path(toyworld.__file__).read_text()
         + Path(toy.__file__).read_text()
         + json.dumps({"seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities})
@@ -79,7 +83,7 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
         return path
     print(f"[base] seed {seed}: pretraining ({opts.pretrain_steps} steps) -> {path}", flush=True)
     _cli(
-        ["fit", "--config", str(CONFIGS / "pretrain.yaml"), *_common(opts, seed),
+        ["fit", "--config", str(PRETRAIN), *_common(opts, seed),
          f"--trainer.max_steps={opts.pretrain_steps}", f"--data.init_args.n_pretrain={opts.pretrain_examples}",
          f"--trainer.callbacks.init_args.dirpath={path}", f"--trainer.val_check_interval={max(1, opts.pretrain_steps // 3)}"]
     )  # fmt: skip
@@ -96,7 +100,7 @@ def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dic
     start = time.time()
     name = f"{method}-lr{lr:g}-seed{seed}"
     cli = _cli(
-        ["fit", "--config", str(CONFIGS / "finetune.yaml"), "--config", str(CONFIGS / f"{method}.yaml"),
+        ["fit", "--config", str(FINETUNE), "--config", str(METHODS / f"{method}.yaml"),
          *_common(opts, seed), f"--model.init_args.model_name_or_path={opts.out}/base-seed{seed}",
          f"--model.init_args.learning_rate={lr}", f"--trainer.max_steps={opts.steps}",
          f"--trainer.logger.init_args.run_name={name}",
