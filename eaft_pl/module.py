@@ -3,40 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import time
 import warnings
-from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from eaft_pl.loss.chunked import LogitTransform, check_chunked_support, chunked_token_statistics
+from eaft_pl.analysis.predictions import per_example_means
 from eaft_pl.data.packing import check_packing_support
-from eaft_pl.models.loading import _dtype, build_causal_lm, load_causal_lm, load_tokenizer
-from eaft_pl.training.lora import AdapterDisabled, LoRAOptions, apply_lora
+from eaft_pl.loss.chunked import LogitTransform, check_chunked_support
+from eaft_pl.loss.forward import causal_lm_statistics
 from eaft_pl.loss.conflict import CONFLICT_MAX_LABEL_PROB, CONFLICT_MAX_NORM_ENTROPY
 from eaft_pl.loss.gates import EAFTGate, Gate
-from eaft_pl.loss.stats import TokenStats, token_statistics
 from eaft_pl.loss.metrics import TokenStatsMetric
-from eaft_pl.training.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
-from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.loss.reference_gates import FLOWGate
-from eaft_pl.training.sharded import unwrapped_name
+from eaft_pl.loss.stats import TokenStats
+from eaft_pl.models.loading import build_causal_lm, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from eaft_pl.reference import ReferenceTable, frozen_copy, frozen_reference, reference_for_datamodule, token_kl
+from eaft_pl.training.adapter_checkpoints import ADAPTER_ONLY_KEY, drop_frozen_base, restore_frozen_base
+from eaft_pl.training.lora import AdapterDisabled, LoRAOptions, apply_lora
+from eaft_pl.training.normalization import StepNormalizer, scale_gradients
+from eaft_pl.training.numerics import NonFiniteStepGuard
+from eaft_pl.training.optim import adamw_warmup_cosine, warmup_cosine
+from eaft_pl.training.options import check_module_options, check_strategy_options
 
+# warmup_cosine and ADAPTER_ONLY_KEY lived here before training/optim.py and adapter_checkpoints.py.
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
-
-#: Set in the checkpoints of LoRA runs that leave the frozen base out (its value: the base's path).
-ADAPTER_ONLY_KEY = "eaft_adapter_only_base"
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup from 0 to 1 over ``warmup_steps``, then a cosine decay
-    to ``min_ratio`` at ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class EAFTModule(pl.LightningModule):
@@ -145,51 +140,14 @@ class EAFTModule(pl.LightningModule):
         max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
-        if (model_name_or_path is None) == (model_config is None):
-            raise ValueError("set exactly one of model.init_args.model_name_or_path and model.init_args.model_config")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
-            raise ValueError(f"model.init_args.top_k must be >= 2, got {top_k}")
-        if not (learning_rate > 0 and math.isfinite(learning_rate)):
-            raise ValueError(f"model.init_args.learning_rate must be > 0 and finite, got {learning_rate}")
-        if weight_decay < 0:
-            raise ValueError(f"model.init_args.weight_decay must be >= 0, got {weight_decay}")
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"model.init_args.warmup_ratio must lie in [0, 1), got {warmup_ratio}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"model.init_args.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
-        if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
-            raise ValueError(f"model.init_args.adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
-        if not adam_eps > 0:
-            raise ValueError(f"model.init_args.adam_eps must be > 0, got {adam_eps!r}")
-        for name, value in (("conflict_max_norm_entropy", conflict_max_norm_entropy), ("conflict_max_label_prob", conflict_max_label_prob)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"model.init_args.{name} must lie in [0, 1], got {value!r}")
-        if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 0:
-            raise ValueError(f"model.init_args.max_skipped_steps must be an integer >= 0 (0: stop at the first), got {max_skipped_steps!r}")
-        if torch_dtype is not None:
-            _dtype(torch_dtype)  # names model.init_args.torch_dtype; fail before any weight is read
-        if loss_normalization not in ("step", "micro_batch"):
-            raise ValueError(f"model.init_args.loss_normalization must be 'step' or 'micro_batch', got {loss_normalization!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"model.init_args.chunk_size must be a positive integer or null, got {chunk_size!r}")
-        if reference_source not in ("cache", "frozen"):
-            raise ValueError(f"model.init_args.reference_source must be 'cache' or 'frozen', got {reference_source!r}")
-        if not reference_kl_coef >= 0:
-            raise ValueError(f"model.init_args.reference_kl_coef must be >= 0, got {reference_kl_coef!r}")
-        if reference_kl_direction not in ("policy_ref", "ref_policy"):
-            raise ValueError(
-                f"model.init_args.reference_kl_direction must be 'policy_ref' or 'ref_policy', got {reference_kl_direction!r}"
-            )
-        if reference_kl_coef > 0 and chunk_size is not None:
-            raise ValueError(
-                "model.init_args.reference_kl_coef needs the full logits of both models, which the chunked loss never "
-                "builds; unset model.init_args.chunk_size for SFT-KL / ASFT"
-            )
-        if reference_kl_coef > 0 and reference_source != "frozen":
-            raise ValueError(
-                "model.init_args.reference_kl_coef needs the reference model's whole distribution on every batch; "
-                "set model.init_args.reference_source: frozen"
-            )
+        check_module_options(
+            model_name_or_path=model_name_or_path, model_config=model_config, top_k=top_k, learning_rate=learning_rate,
+            weight_decay=weight_decay, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, adam_betas=adam_betas,
+            adam_eps=adam_eps, loss_normalization=loss_normalization, torch_dtype=torch_dtype,
+            conflict_max_norm_entropy=conflict_max_norm_entropy, conflict_max_label_prob=conflict_max_label_prob,
+            chunk_size=chunk_size, reference_source=reference_source, reference_kl_coef=reference_kl_coef,
+            reference_kl_direction=reference_kl_direction, max_skipped_steps=max_skipped_steps,
+        )  # fmt: skip
         if isinstance(lora, dict):  # from Python code or a checkpoint's hparams; the CLI builds the dataclass
             lora = LoRAOptions(**lora)
         if lora is not None and not isinstance(lora, LoRAOptions):
@@ -218,13 +176,12 @@ class EAFTModule(pl.LightningModule):
         self.logit_transform = LogitTransform()
         self.train_metrics = self._new_metric()
         self.eval_metrics = nn.ModuleDict()
-        self._step_tokens = 0  # supervised tokens of the optimizer step being accumulated
-        self._loss_divisor = 0.0  # a fixed divisor keeping micro-batch losses near 1 (see training_step)
+        #: Step-level token normalisation (``loss_normalization: step``).
+        self.normalizer = StepNormalizer()
+        #: Skips optimizer steps with a non-finite loss or gradient (``max_skipped_steps``).
+        self.nonfinite = NonFiniteStepGuard(max_skipped_steps)
         self._last_logged_step = 0
         self._step_lr: Optional[float] = None
-        #: Optimizer steps skipped for a non-finite loss or gradient (see ``max_skipped_steps``).
-        self.skipped_steps = 0
-        self._step_batches: List[MicroBatchRecord] = []  # the micro-batches of the step being accumulated
         #: Set by callbacks that read ``TokenStats.logit_grad_norm`` from the outputs of validation/test
         #: steps (e.g. training diagnostics); off by default because it costs another pass over the logits.
         self.eval_grad_norm = False
@@ -268,12 +225,7 @@ class EAFTModule(pl.LightningModule):
                 f"{n_embed} rows; use the model's own tokenizer or resize the embeddings before training"
             )
         if hp.gradient_checkpointing:
-            # transformers >= 5 renamed the method; the non-reentrant variant works with DDP and frozen inputs.
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+            enable_gradient_checkpointing(model)
         if hp.chunk_size is not None:
             self.logit_transform = LogitTransform.from_config(model.config)
             check_chunked_support(model, self.logit_transform)
@@ -310,41 +262,28 @@ class EAFTModule(pl.LightningModule):
         (A ``model_config`` base has random weights that only the checkpoint could restore.)"""
         return self.lora is not None and self.hparams.model_name_or_path is not None
 
-    def _frozen_base_keys(self, keys: Iterable[str]) -> Set[str]:
-        """The keys among ``keys`` (a module state dict's) of the frozen base weights: every model entry
-        but the trainable ones. Parameter names are compared without FSDP's wrapper parts, which
-        ``named_parameters`` shows and a state dict does not."""
-        trainable = {unwrapped_name(n) for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
-        return {k for k in keys if k.startswith("model.") and unwrapped_name(k[len("model.") :]) not in trainable}
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for a non-finite loss or gradient (``max_skipped_steps``)."""
+        return self.nonfinite.skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.nonfinite.skipped = value
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # The divisor is fixed by the run's first micro-batch; a resumed run keeps it so that its
         # losses and gradients round exactly as the uninterrupted run's. The skip count keeps counting
         # towards max_skipped_steps across a resume.
-        checkpoint["eaft_loss_divisor"] = self._loss_divisor
+        checkpoint["eaft_loss_divisor"] = self.normalizer.divisor
         checkpoint["eaft_skipped_steps"] = self.skipped_steps
-        if not self.adapter_only_checkpoints:
-            return
-        frozen = self._frozen_base_keys(checkpoint["state_dict"])
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        checkpoint[ADAPTER_ONLY_KEY] = self.hparams.model_name_or_path
+        if self.adapter_only_checkpoints:
+            drop_frozen_base(checkpoint, self.model, self.hparams.model_name_or_path)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        self._loss_divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
+        self.normalizer.divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
         self.skipped_steps = int(checkpoint.get("eaft_skipped_steps", 0))
-        if ADAPTER_ONLY_KEY not in checkpoint:
-            return
-        if not self.adapter_only_checkpoints:
-            raise ValueError(
-                f"this checkpoint holds only LoRA adapter weights for the base {checkpoint[ADAPTER_ONLY_KEY]!r}; "
-                "load it with the same model.init_args.model_name_or_path and model.init_args.lora as the run that wrote it"
-            )
-        # The base weights are already loaded from model_name_or_path: hand them back to themselves, so
-        # that strict loading still catches a missing or unexpected adapter key.
-        state = checkpoint["state_dict"]
-        own = self.state_dict()
-        for key in self._frozen_base_keys(own) - state.keys():
-            state[key] = own[key]
+        restore_frozen_base(checkpoint, self.model, self.state_dict(), self.adapter_only_checkpoints)
 
     @property
     def needs_reference(self) -> bool:
@@ -357,44 +296,18 @@ class EAFTModule(pl.LightningModule):
         Runs when the model is built, before any checkpoint is restored into it: the statistics are
         those of the base model even when training resumes.
         """
-        import copy
-        import time
-
         hp = self.hparams
         start = time.perf_counter()
         if hp.reference_source == "frozen":
-            frozen = copy.deepcopy(self.model).eval()
-            frozen.requires_grad_(False)
-            self._frozen = [frozen]  # a list: not registered as a submodule, so never trained or saved
+            self._frozen = [frozen_copy(self.model)]  # a list: not registered as a submodule, so never trained or saved
             self.reference_seconds = time.perf_counter() - start
             return
-        trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        datasets = getattr(datamodule, "datasets", None)
-        if not datasets:
-            raise ValueError(
-                f"{self.gate.name}: the reference pass reads the DataModule's encoded splits (datamodule.datasets); "
-                "none are set up. Use a ChatDataModule, or model.init_args.reference_source: frozen"
-            )
-        from functools import partial
-
-        from eaft_pl.data.chat import collate
-
-        pad_id = datamodule.pad_token_id
-        table, path, hit = load_or_compute_reference(
-            self.model,
-            self.tokenizer,
-            {split: list(examples) for split, examples in datasets.items()},
-            hp.top_k,
-            partial(collate, pad_token_id=pad_id),
-            hp.reference_cache_dir,
-            batch_size=getattr(datamodule, "eval_batch_size", 32),
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        table, path, hit = reference_for_datamodule(
+            self.model, self.tokenizer, datamodule, hp.top_k, hp.reference_cache_dir, owner=self.gate.name
         )
-        self.reference_table = table
+        self.reference_table, self.reference_cache_hit = table, hit
         self.reference_seconds = time.perf_counter() - start
-        self.reference_cache_hit = hit
-        from lightning.pytorch.utilities import rank_zero_info
-
         rank_zero_info(
             f"reference pass: {len(table.entries)} examples, {'read from' if hit else 'computed and stored in'} "
             f"{path if path is not None else '(no cache)'}, {self.reference_seconds:.2f} s"
@@ -419,16 +332,9 @@ class EAFTModule(pl.LightningModule):
                 key = f"{prefix}_{name}"
                 if key not in self.eval_metrics:
                     self.eval_metrics[key] = self._new_metric()
-        strategy = type(self.trainer.strategy).__name__
-        if self.hparams.chunk_size is not None and ("FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy):
-            # The chunked loss reads the LM-head weight outside the model's forward, where a sharded
-            # strategy has not gathered it.
-            raise ValueError(f"model.init_args.chunk_size is not supported with {strategy} (sharded weights); unset it or use DDP")
-        if "DeepSpeed" in strategy and self.hparams.loss_normalization == "step":
-            raise ValueError(
-                "DeepSpeed scales and owns the gradients, so the step-level token normalisation cannot be "
-                "applied; set model.init_args.loss_normalization: micro_batch"
-            )
+        check_strategy_options(
+            type(self.trainer.strategy).__name__, chunk_size=self.hparams.chunk_size, loss_normalization=self.hparams.loss_normalization
+        )
 
     #: Whether the model was shown to keep packed sequences apart (checked on the first packed batch).
     _packing_checked = False
@@ -450,36 +356,22 @@ class EAFTModule(pl.LightningModule):
             check_packing_support(self.model, rows=min(2, position_ids.shape[0]))
             self._packing_checked = True
         reference, ref_logits = self.batch_reference(batch)
-        if hp.chunk_size is None:
-            logits = self(batch["input_ids"], batch.get("attention_mask"), position_ids)  # (B, T, V)
-            stats = token_statistics(
-                logits, batch["labels"], top_k=hp.top_k, compute_full_entropy=full, compute_grad_norm=grad_norm, reference=reference
-            )
-            weights = self.gate(stats)
-            total = (weights * stats.ce).sum()  # an attached 0 when there is no token
-            if hp.reference_kl_coef > 0 and ref_logits is not None:
-                kl = token_kl(logits, ref_logits, batch["labels"], hp.reference_kl_direction)  # (N,)
-                stats.reference = dict(stats.reference or {}, kl=kl.detach())
-                total = total + hp.reference_kl_coef * kl.sum()
-            return stats, weights, total
-        backbone = self.model.get_decoder()
-        hidden = backbone(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (B, T, H): the LM head never sees the whole sequence
-        head = self.model.get_output_embeddings()
-        return chunked_token_statistics(
-            hidden,
-            head.weight,
-            batch["labels"],
+        stats, weights, total, logits = causal_lm_statistics(
+            self.model,
+            batch,
             self.gate,
-            bias=head.bias,
             top_k=hp.top_k,
             chunk_size=hp.chunk_size,
             transform=self.logit_transform,
-            compute_full_entropy=full,
-            compute_grad_norm=grad_norm,
+            full_entropy=full,
+            grad_norm=grad_norm,
             reference=reference,
         )
+        if hp.reference_kl_coef > 0 and ref_logits is not None and logits is not None:  # the KL needs the plain path
+            kl = token_kl(logits, ref_logits, batch["labels"], hp.reference_kl_direction)  # (N,)
+            stats.reference = dict(stats.reference or {}, kl=kl.detach())
+            total = total + hp.reference_kl_coef * kl.sum()
+        return stats, weights, total
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -510,30 +402,21 @@ class EAFTModule(pl.LightningModule):
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         stats, weights, weighted_sum = self.token_stats(batch)
         # A device flag, read only when the step's check fails (reading it here would sync every batch).
-        self._step_batches.append(MicroBatchRecord(batch_idx, torch.isfinite(weighted_sum.detach()), batch.get("sources")))
+        self.nonfinite.record(batch_idx, weighted_sum, batch.get("sources"))
         self.train_metrics.update(stats, weights)
         if stats.reference is not None and "kl" in stats.reference and stats.num_tokens:
             self.log("train/kl", stats.reference["kl"].mean(), on_step=True, on_epoch=False, batch_size=stats.num_tokens)
         if self.hparams.loss_normalization == "micro_batch":
             return weighted_sum / max(stats.num_tokens, 1)
-        if self.trainer.accumulate_grad_batches == 1:
-            # The step is this one micro-batch: its global token count is known now, so divide the loss
-            # by it and spare on_before_optimizer_step a pass over every gradient. DDP averages the
-            # gradients over ranks, hence the factor world_size.
-            self._step_tokens = -1  # marks the step as normalised already
-            if self.trainer.world_size == 1:
-                return weighted_sum / max(stats.num_tokens, 1)
-            tokens = torch.tensor(float(stats.num_tokens), device=self.device)
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")  # a tensor: no host sync
-            return weighted_sum * self.trainer.world_size / tokens.clamp(min=1.0)
-        self._step_tokens += stats.num_tokens
-        # Any constant divisor is undone exactly in on_before_optimizer_step; one near a micro-batch's
-        # token count keeps the backward pass at the magnitude of a mean (fp16 loss scaling cares).
-        # It must be the same on every rank, hence the reduction (once, on the first micro-batch).
-        if self._loss_divisor == 0.0:
-            first = torch.tensor(float(max(stats.num_tokens, 1)), device=self.device)
-            self._loss_divisor = float(self.trainer.strategy.reduce(first, reduce_op="max"))
-        return weighted_sum / self._loss_divisor
+        strategy = self.trainer.strategy
+        return self.normalizer.micro_batch_loss(
+            weighted_sum,
+            stats.num_tokens,
+            accumulate=self.trainer.accumulate_grad_batches,
+            world_size=self.trainer.world_size,
+            reduce_sum=lambda x: strategy.reduce(x, reduce_op="sum"),
+            reduce_max=lambda x: strategy.reduce(x, reduce_op="max"),
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._step_lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves after)
@@ -543,60 +426,43 @@ class EAFTModule(pl.LightningModule):
     def _normalise_step_gradients(self) -> None:
         if self.hparams.loss_normalization != "step":
             return
-        if self._step_tokens == -1:  # normalised in training_step
-            self._step_tokens = 0
-            return
-        # Lightning divided every micro-batch loss by accumulate_grad_batches and DDP/FSDP averaged the
-        # gradients over ranks; undo both (and our divisor) and divide by the step's global token count.
-        tokens = torch.tensor(float(self._step_tokens), device=self.device)
-        tokens = float(self.trainer.strategy.reduce(tokens, reduce_op="sum"))
-        self._step_tokens = 0
-        scale = self._loss_divisor * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(tokens, 1.0)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            # A python float keeps the scale exact for bf16 gradients (a bf16 tensor would round it).
-            torch._foreach_mul_(grads, scale)
+        strategy = self.trainer.strategy
+        scale = self.normalizer.gradient_scale(
+            accumulate=self.trainer.accumulate_grad_batches,
+            world_size=self.trainer.world_size,
+            reduce_sum=lambda x: strategy.reduce(x, reduce_op="sum"),
+            device=self.device,
+        )
+        if scale is not None:
+            scale_gradients(self.parameters(), scale)
 
     def _skip_nonfinite_step(self) -> None:
         """Skip the optimizer step if any rank's loss or gradient is non-finite; stop past the limit.
 
-        Every rank takes the same decision (the flag is summed over ranks), so none waits for another
-        in the next collective. Setting each gradient to None makes AdamW skip every parameter: no
-        weight, moment or step count moves. Lightning still steps the LR scheduler and counts the
-        step in ``global_step``: the schedule stays a function of ``global_step``, as a resumed run
-        expects, and a skipped step costs its data and its share of the schedule, nothing else.
+        Lightning still steps the LR scheduler and counts the step in ``global_step``: the schedule
+        stays a function of ``global_step``, as a resumed run expects, and a skipped step costs its
+        data and its share of the schedule, nothing else.
         """
-        records, self._step_batches = self._step_batches, []
         params = [p for p in self.parameters() if p.grad is not None]
-        finite = torch.stack([r.loss_finite for r in records]).all() if records else torch.tensor(True)
-        # With a GradScaler (fp16) inf gradients are routine overflow that the scaler skips and
-        # answers by lowering its scale: counting them here would count them twice.
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            finite = finite & all_finite([p.grad for p in params])
-        bad = (~finite).to(device=self.device, dtype=torch.float32)
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bad.item():  # one host sync per optimizer step
+        strategy, world_size = self.trainer.strategy, self.trainer.world_size
+        bad = self.nonfinite.step_is_bad(
+            [p.grad for p in params],
+            # Under a GradScaler (fp16) inf gradients are the scaler's to skip.
+            check_grads=getattr(self.trainer.precision_plugin, "scaler", None) is None,
+            reduce_sum=(lambda x: strategy.reduce(x, reduce_op="sum")) if world_size > 1 else (lambda x: x),
+            device=self.device,
+        )
+        if not bad:
             return
-        self.skipped_steps += 1
+        message = self.nonfinite.skip(
+            params, global_step=self.trainer.global_step, epoch=self.current_epoch, rank=self.global_rank, world_size=world_size
+        )
         # Straight to the loggers, at this step: self.log would hold the value until Lightning's next
         # log_every_n_steps flush and record it at that later step.
         for logger in self.loggers:
             logger.log_metrics({"train/skipped_steps": float(self.skipped_steps)}, step=self.trainer.global_step)
-        for p in params:
-            p.grad = None
         self.train_metrics.reset()  # the step's statistics hold the NaN; it is not logged
-        message = describe_nonfinite_step(
-            self.trainer.global_step,
-            self.current_epoch,
-            records,
-            self.global_rank,
-            self.trainer.world_size,
-            self.skipped_steps,
-            self.hparams.max_skipped_steps,
-        )
-        if self.skipped_steps > self.hparams.max_skipped_steps:
-            raise NonFiniteStepError(f"training stopped after {self.skipped_steps} skipped steps; last: {message}")
+        self.nonfinite.stop_if_exhausted(message)
         warnings.warn(message, stacklevel=2)  # on every rank: the rank with the bad batch names it
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -654,35 +520,19 @@ class EAFTModule(pl.LightningModule):
     def predict_step(self, batch: Dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
         """Per-example means over the supervised tokens: ce, label_prob, topk_entropy, weight, tokens."""
         stats, weights, _ = self.token_stats(batch)
-        labels = batch["labels"][:, 1:]  # (B, T-1): the positions token_statistics kept, in order
-        row = torch.nonzero(labels != -100, as_tuple=True)[0]  # (N,) example index of each token
-        batch_size = labels.shape[0]
-        tokens = torch.zeros(batch_size, device=row.device).index_add_(0, row, torch.ones_like(row, dtype=torch.float))
-        out = {"tokens": tokens}
-        for key, values in (
-            ("ce", stats.ce.detach()),
-            ("label_prob", stats.label_prob),
-            ("topk_entropy", stats.topk_entropy),
-            ("weight", weights),
-        ):
-            sums = torch.zeros(batch_size, device=row.device).index_add_(0, row, values.float())
-            out[key] = sums / tokens.clamp(min=1)
-        return out
+        return per_example_means(stats, weights, batch["labels"])
 
     # ---- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Dict[str, Any]:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        # Decay matrices only: decaying norm gains and biases towards 0 hurts and is not what HF does.
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(hp.warmup_ratio * total))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, hp.min_lr_ratio)
+        return adamw_warmup_cosine(
+            self.parameters(),
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=hp.adam_betas,
+            eps=hp.adam_eps,
+            total_steps=self.trainer.estimated_stepping_batches,
+            warmup_ratio=hp.warmup_ratio,
+            min_lr_ratio=hp.min_lr_ratio,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -20,11 +20,13 @@ Both give the same statistics (a test checks it). Nothing here imports Lightning
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eaft_pl.data.chat import batch_to
+from eaft_pl.data.chat import batch_to, collate
 from eaft_pl.data.packing import sequence_ids, sequence_spans
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats, token_statistics
@@ -48,6 +50,8 @@ __all__ = [
     "ReferenceTable",
     "compute_reference_table",
     "load_or_compute_reference",
+    "reference_for_datamodule",
+    "frozen_copy",
     "frozen_reference",
     "token_kl",
 ]
@@ -286,7 +290,39 @@ def load_or_compute_reference(
     return table, path, False
 
 
+def reference_for_datamodule(
+    model: torch.nn.Module, tokenizer: Any, datamodule: Any, top_k: int, cache_dir: Optional[str], owner: str, progress: Optional[Any] = None
+) -> Tuple[ReferenceTable, Optional[Path], bool]:
+    """:func:`load_or_compute_reference` over every encoded split of a ChatDataModule
+    (``datamodule.datasets``), batched with its padding; ``owner`` names what needs the pass in the
+    error raised when the DataModule has no splits set up."""
+    datasets = getattr(datamodule, "datasets", None)
+    if not datasets:
+        raise ValueError(
+            f"{owner}: the reference pass reads the DataModule's encoded splits (datamodule.datasets); "
+            "none are set up. Use a ChatDataModule, or model.init_args.reference_source: frozen"
+        )
+    return load_or_compute_reference(
+        model,
+        tokenizer,
+        {split: list(examples) for split, examples in datasets.items()},
+        top_k,
+        partial(collate, pad_token_id=datamodule.pad_token_id),
+        cache_dir,
+        batch_size=getattr(datamodule, "eval_batch_size", 32),
+        progress=progress,
+    )
+
+
 # ---- the frozen copy -------------------------------------------------------------------------------
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode with no parameter requiring gradient: the reference of the
+    KL baselines and of ``reference_source: frozen`` (twice the weights' memory)."""
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen
 
 
 def frozen_reference(ref_model: torch.nn.Module, batch: Dict[str, Tensor], top_k: int) -> Tuple[Dict[str, Tensor], Tensor]:

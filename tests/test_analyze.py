@@ -169,4 +169,4 @@ def test_help_lists_analyze_and_documents_its_options(capsys):
         cli_main(["analyze", "--help"])
     out = capsys.readouterr().out
     assert "--max_examples" in out and "random sample" in out and "--on_policy" in out
-    assert Path(REPO / "configs" / "quickstart" / "base.yaml").is_file()
+    assert Path(REPO / "configs" / "setup" / "quickstart.yaml").is_file()

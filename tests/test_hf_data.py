@@ -357,7 +357,7 @@ def test_fit_two_steps_through_the_cli(tmp_path, monkeypatch):
     from eaft_pl.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
-    config = yaml.safe_load((REPO / "configs" / "quickstart" / "base.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "setup" / "quickstart.yaml").read_text())
     quickstart = REPO / "data" / "quickstart"
     config["data"] = {
         "class_path": "eaft_pl.data.HFChatDataModule",

@@ -164,7 +164,7 @@ def test_cli_config_with_the_callback_parses(tmp_path, task_dir):
                 "init_args": {"tasks": ["tiny_mc", "tiny_gen"], "limit": 4, "every_n_steps": 50, "include_path": str(task_dir),
                               "include_default_tasks": False, "gen_kwargs": {"max_gen_toks": 8}}}  # fmt: skip
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
-    cli = cli_main(["--config", str(REPO / "configs" / "quickstart" / "base.yaml"), "--config", str(config)], run=False)
+    cli = cli_main(["--config", str(REPO / "configs" / "setup" / "quickstart.yaml"), "--config", str(config)], run=False)
     (found,) = [c for c in cli.trainer.callbacks if isinstance(c, LMEvalCallback)]
     assert (found.tasks, found.limit, found.every_n_steps, found.gen_kwargs) == (["tiny_mc", "tiny_gen"], 4, 50, {"max_gen_toks": 8})
 

@@ -14,7 +14,7 @@ from conftest import REPO
 from eaft_pl.cli import cli_main
 
 DATA = REPO / "data" / "quickstart"
-BASE = REPO / "configs" / "quickstart" / "base.yaml"
+BASE = REPO / "configs" / "setup" / "quickstart.yaml"
 # 24 chats in micro-batches of 4: 6 micro-batches = 3 optimizer steps of 2 per epoch; 6 steps = 2 epochs.
 EXAMPLES, BATCH, STEPS = 24, 4, 6
 MODEL = {

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl.evaluation.forgetting import ForgettingCallback
+from eaft_pl.training.adapter_checkpoints import frozen_base_keys
 from eaft_pl.training.sharded import gather_full_model, unwrapped_name
 from gather_fit import VARIANTS, gather_fit
 from scale_fit import write_records
@@ -193,10 +194,10 @@ def test_lora_checkpoints_under_fsdp_keep_the_adapters(one_rank_group, tokenizer
     module.configure_model()
     keys = list(module.state_dict())
     adapters = {k for k in keys if "lora_" in k}
-    assert adapters and module._frozen_base_keys(keys) == {k for k in keys if k.startswith("model.")} - adapters
+    assert adapters and frozen_base_keys(module.model, keys) == {k for k in keys if k.startswith("model.")} - adapters
     layer = type(module.model.get_base_model().model.layers[0])
     module.model = FullyShardedDataParallel(
         module.model, auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True
     )
     assert any("_fsdp_wrapped_module" in n for n, _ in module.model.named_parameters())
-    assert module._frozen_base_keys(keys) == {k for k in keys if k.startswith("model.")} - adapters
+    assert frozen_base_keys(module.model, keys) == {k for k in keys if k.startswith("model.")} - adapters

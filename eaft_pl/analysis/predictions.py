@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
 
+from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats
 from eaft_pl.tracking import mlflow_loggers
 
-__all__ = ["TokenStatsWriter"]
+__all__ = ["TokenStatsWriter", "per_example_means"]
+
+
+def per_example_means(stats: TokenStats, weights: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+    """Each example's means over its supervised tokens (``(B,)`` each): ``ce``, ``label_prob``,
+    ``topk_entropy``, ``weight``, and its token count ``tokens`` (0 and means of 0 for an example
+    without one). ``labels`` is the batch's ``(B, T)``; the statistics are those of its shifted
+    positions, in order, as :func:`eaft_pl.loss.stats.token_statistics` keeps them."""
+    shifted = labels[:, 1:]  # (B, T-1)
+    row = torch.nonzero(shifted != IGNORE_INDEX, as_tuple=True)[0]  # (N,) example index of each token
+    batch_size = shifted.shape[0]
+    tokens = torch.zeros(batch_size, device=row.device).index_add_(0, row, torch.ones_like(row, dtype=torch.float))
+    out = {"tokens": tokens}
+    for key, values in (("ce", stats.ce.detach()), ("label_prob", stats.label_prob), ("topk_entropy", stats.topk_entropy), ("weight", weights)):
+        sums = torch.zeros(batch_size, device=row.device).index_add_(0, row, values.float())
+        out[key] = sums / tokens.clamp(min=1)
+    return out
 
 
 class TokenStatsWriter(BasePredictionWriter):

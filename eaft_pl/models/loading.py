@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm"]
+__all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm", "enable_gradient_checkpointing"]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -63,3 +63,15 @@ def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: 
     model = AutoModelForCausalLM.from_config(cfg)
     dtype = _dtype(torch_dtype)
     return model.to(dtype) if dtype is not None else model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in backward (Hugging Face's implementation), non-reentrant so that it
+    works with DDP and frozen inputs; the KV cache, useless in training, is switched off as it
+    clashes with checkpointing."""
+    # transformers >= 5 renamed the method.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

@@ -8,12 +8,12 @@ AdamW leaves the weights and its moments and step counts as they were) and to st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteStepError", "MicroBatchRecord", "all_finite", "describe_nonfinite_step"]
+__all__ = ["NonFiniteStepError", "MicroBatchRecord", "NonFiniteStepGuard", "all_finite", "describe_nonfinite_step"]
 
 
 class NonFiniteStepError(RuntimeError):
@@ -79,3 +79,54 @@ def describe_nonfinite_step(
         f"({skipped} skipped so far, model.init_args.max_skipped_steps={limit}). Check those examples, lower "
         "model.init_args.learning_rate or set trainer.gradient_clip_val; bf16-mixed is more robust than fp16"
     )
+
+
+class NonFiniteStepGuard:
+    """Decides, once per optimizer step, whether the step is skipped for a non-finite loss or gradient,
+    and stops training once more than ``max_skipped`` steps were.
+
+    :meth:`record` each micro-batch's loss (no host sync), then call :meth:`step_is_bad` before the
+    optimizer step; on True, :meth:`skip` clears the gradients and returns the message to warn with,
+    and :meth:`stop_if_exhausted` raises :class:`NonFiniteStepError` once past the limit. Every rank
+    takes the same decision (the flag is summed over ranks), so none waits for another in the next
+    collective.
+
+    Args:
+        max_skipped: Steps that may be skipped before training stops (0: stop at the first).
+    """
+
+    def __init__(self, max_skipped: int) -> None:
+        self.max_skipped = max_skipped
+        #: Steps skipped so far in the run (kept across a resume through the checkpoint).
+        self.skipped = 0
+        self._records: List[MicroBatchRecord] = []
+
+    def record(self, batch_idx: int, loss: Tensor, sources: Optional[List[str]] = None) -> None:
+        """Keep a micro-batch's finiteness as a device flag, read only if the step's check fails."""
+        self._records.append(MicroBatchRecord(batch_idx, torch.isfinite(loss.detach()), sources))
+
+    def step_is_bad(self, grads: Sequence[Tensor], *, check_grads: bool, reduce_sum: Callable[[Tensor], Tensor], device: Any) -> bool:
+        """Whether any rank's loss (or, with ``check_grads``, gradient) of this step is non-finite.
+        One host sync. ``check_grads`` is False under a GradScaler (fp16), whose inf gradients are
+        routine overflow that the scaler skips itself: counting them would count them twice."""
+        finite = torch.stack([r.loss_finite for r in self._records]).all() if self._records else torch.tensor(True)
+        if check_grads:
+            finite = finite & all_finite(grads)
+        bad = bool(reduce_sum((~finite).to(device=device, dtype=torch.float32)).item())
+        if not bad:
+            self._records = []
+        return bad
+
+    def skip(self, params: Sequence[torch.nn.Parameter], *, global_step: int, epoch: int, rank: int, world_size: int) -> str:
+        """Count the step as skipped and set every gradient to None, so AdamW moves no weight, moment
+        or step count; return the message naming the step and its batches."""
+        records, self._records = self._records, []
+        self.skipped += 1
+        for p in params:
+            p.grad = None
+        return describe_nonfinite_step(global_step, epoch, records, rank, world_size, self.skipped, self.max_skipped)
+
+    def stop_if_exhausted(self, message: str) -> None:
+        """Raise :class:`NonFiniteStepError` with ``message`` once more steps were skipped than allowed."""
+        if self.skipped > self.max_skipped:
+            raise NonFiniteStepError(f"training stopped after {self.skipped} skipped steps; last: {message}")
