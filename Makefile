@@ -16,7 +16,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # Options of the embedded experiment, e.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all --lrs 3e-4 1e-3 3e-3"
 DEMO_ARGS ?=
 
-.PHONY: demo quickstart figures gate-dynamics test install clean
+.PHONY: demo quickstart figures gate-dynamics test docs install clean
 
 install: $(STAMP)
 
@@ -77,6 +77,11 @@ gate-dynamics: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict turns a broken link, a page missing from
+# the nav or a docstring mkdocstrings cannot render into a failure.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) outputs mlruns

@@ -1,6 +1,6 @@
 """An independent re-implementation of LLaMA-Factory's ``eaft_loss_func`` and ``dft_loss_func``
-(PR #9720, ``src/llamafactory/train/trainer_utils.py``), written from the step-by-step description in
-``shared/docs/eaft-paper-notes.md`` §1.2: fp32 logits; labels padded by one and shifted; per-token CE;
+(PR #9720, ``src/llamafactory/train/trainer_utils.py``), written from a step-by-step description of what
+those functions compute: fp32 logits; labels padded by one and shifted; per-token CE;
 top-20 logits of the valid tokens; entropy of their softmax; divided by 3.0; to the power alpha; all
 under no_grad; ``sum / num_items_in_batch`` or the mean over valid tokens. It is the yardstick the
 tests hold eaft-pl's losses against, so it deliberately shares no code with them.

@@ -1,7 +1,7 @@
 """Every kind of bad input, one row each, through the real entry points: a data file through
 ``DataModule.setup``, an option through the ``eaft-pl`` parser (``cli_main(..., run=False)``). Each
 row gets an error naming the file and line or the config key and what to do, or a counted skip. The
-README's bad-input table lists the same rows."""
+bad-input tables of docs/reliability.md list the same rows, with the test of each."""
 
 import contextlib
 import io

@@ -25,7 +25,7 @@ from test_cli import quick_args
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags that work headless as root on these machines (shared/docs/environment.md); the virtual-time
+# Flags that let Chromium run headless as root in a container without a GPU or a display; the virtual-time
 # budget lets MLflow's single-page app fetch its data and draw the charts before the DOM is read.
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",

@@ -1,8 +1,8 @@
 """A synthetic world in which fine-tuning forgets: general skills in a house style, a domain skill
 written by a teacher in another style.
 
-The design follows the three ingredients of the paper's mechanism (see the README's "The embedded
-experiment" and ``shared/docs/toyworld-findings.md``, study 2):
+The design follows the three ingredients of the paper's mechanism (``docs/toyworld.md`` describes
+the world and its results; two earlier toy studies showed that each ingredient is needed):
 
 1. **A calibrated base.** General answers have genuine choice points (several valid phrasings with
    fixed probabilities), so the base is uncertain where text is, and sure where it is determined. The
@@ -17,7 +17,7 @@ experiment" and ``shared/docs/toyworld-findings.md``, study 2):
    by multiple-choice log-likelihood; the domain scored by the style-agnostic check.
 
 Words are single tokens (a word-level tokenizer): with characters, most tokens of a word are
-determined and the base is over-confident everywhere (toyworld study 1).
+determined and the base is over-confident everywhere (an earlier toy study found this).
 """
 
 from __future__ import annotations
