@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Any, Dict, Iterable, List, Literal, Optional, Set, Tuple
@@ -103,9 +102,10 @@ class EAFTModule(pl.LightningModule):
             supervised tokens). Plain path only (refused with ``chunk_size``).
         reference_kl_direction: ``"policy_ref"``: KL(p_theta || p_ref); ``"ref_policy"``:
             KL(p_ref || p_theta) (see :func:`eaft_pl.reference.token_kl`).
-        lora: Train LoRA adapters (:class:`eaft_pl.training.lora.LoRAOptions`, needs ``pip install
-            'eaft-pl[lora]'``) instead of every weight: ``{r: 16, alpha: 32, dropout: 0.05,
-            target_modules: all-linear}``. The base model is the adapted one with its adapters off, so
+        lora: Train LoRA adapters instead of every weight (needs ``pip install 'eaft-pl[lora]'``): the
+            fields of ``peft.LoraConfig`` (or a ``LoRAOptions`` / ``peft.LoraConfig`` from Python), with
+            the checks and defaults of :class:`eaft_pl.training.lora.LoRAOptions`: ``{r: 16, alpha: 32,
+            dropout: 0.05, target_modules: all-linear, use_dora: false}``. The base model is the adapted one with its adapters off, so
             ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
             the adapters only (and their optimizer state); resuming reloads the base from there.
         max_skipped_steps: An optimizer step whose loss or gradient holds a NaN or inf is skipped
@@ -141,7 +141,7 @@ class EAFTModule(pl.LightningModule):
         reference_cache_dir: Optional[str] = "outputs/reference_cache",
         reference_kl_coef: float = 0.0,
         reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
-        lora: Optional[LoRAOptions] = None,
+        lora: Optional[Dict[str, Any]] = None,
         max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
@@ -190,11 +190,8 @@ class EAFTModule(pl.LightningModule):
                 "model.init_args.reference_kl_coef needs the reference model's whole distribution on every batch; "
                 "set model.init_args.reference_source: frozen"
             )
-        if isinstance(lora, dict):  # from Python code or a checkpoint's hparams; the CLI builds the dataclass
-            lora = LoRAOptions(**lora)
-        if lora is not None and not isinstance(lora, LoRAOptions):
-            raise ValueError(f"model.init_args.lora must be a mapping of LoRAOptions fields or null, got {lora!r}")
-        lora_options, lora = lora, (dataclasses.asdict(lora) if lora is not None else None)
+        lora_options = LoRAOptions.from_value(lora)  # a mapping (the CLI's, a checkpoint's), LoRAOptions or LoraConfig
+        lora = lora_options.to_dict() if lora_options is not None else None
         # hparams keep the plain mapping: checkpoints load with torch.load(weights_only=True), which
         # refuses pickled classes.
         self.save_hyperparameters()
