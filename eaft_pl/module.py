@@ -21,6 +21,7 @@ from eaft_pl.loss.metrics import TokenStatsMetric
 from eaft_pl.training.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.loss.reference_gates import FLOWGate
+from eaft_pl.training.fsdp2 import shard_with_fsdp2
 from eaft_pl.training.sharded import unwrapped_name
 
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
@@ -244,6 +245,7 @@ class EAFTModule(pl.LightningModule):
         if self.model is not None:  # Lightning may call this more than once (fit then test)
             return
         self.build_model()
+        shard_with_fsdp2(self)  # fully_shard under ModelParallelStrategy / FSDP2Strategy; else nothing
 
     def build_model(self, reference: bool = True) -> None:
         """Load or build the tokenizer and the model, add the LoRA adapters (``lora``) and, with

@@ -71,6 +71,7 @@ class RecordingModule(EAFTModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.recorded: Dict[str, Any] = {"logged": [], "grads": [], "initial": self._weights()}
+        self.recorded["param_types"] = sorted({type(p).__name__ for p in self.model.parameters()})  # DTensor: FSDP2
 
     def log_dict(self, dictionary, *args, **kwargs):  # the step's metrics, already reduced over ranks
         if "train/loss" in dictionary:
@@ -84,13 +85,17 @@ class RecordingModule(EAFTModule):
             self.recorded["grads"].append(grads)
 
     def _weights(self) -> Dict[str, torch.Tensor]:
-        """Every weight of the language model, whole. Under FSDP the shards are gathered (a collective:
+        """Every weight of the language model, whole. Under FSDP (1 and 2) the shards are gathered (a collective:
         every rank calls this); Lightning's full state dict crashes on CPU tensors in torch 2.13."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        from torch.distributed.tensor import DTensor
+
         root = self.trainer.strategy.model
-        if not isinstance(root, FullyShardedDataParallel):
-            return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        if not isinstance(root, FullyShardedDataParallel):  # FSDP2's shards are DTensors: gathered too
+            return {
+                n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in self.model.named_parameters()
+            }
         with FullyShardedDataParallel.summon_full_params(root, writeback=False):
             return {unwrapped_name(n): p.detach().clone() for n, p in self.model.named_parameters()}
 
@@ -130,7 +135,7 @@ def recorded_fit(
         lora=lora,
     )
     module.record_path = str(record_path)  # instance attributes travel to spawned ranks
-    module.keep_grads = not type(strategy).__name__.endswith("FSDPStrategy")  # FSDP's are shards
+    module.keep_grads = "FSDP" not in type(strategy).__name__  # FSDP's (and FSDP2's) are shards
     data = data_class(train_file=str(train_file), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
         max_steps=STEPS,
