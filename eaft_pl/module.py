@@ -21,7 +21,7 @@ from eaft_pl.loss.metrics import TokenStatsMetric
 from eaft_pl.training.numerics import MicroBatchRecord, NonFiniteStepError, all_finite, describe_nonfinite_step
 from eaft_pl.reference import ReferenceTable, frozen_reference, load_or_compute_reference, token_kl
 from eaft_pl.loss.reference_gates import FLOWGate
-from eaft_pl.training.fsdp2 import shard_with_fsdp2
+from eaft_pl.training.fsdp2 import loads_checkpoints_itself, shard_with_fsdp2
 from eaft_pl.training.sharded import unwrapped_name
 
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
@@ -306,8 +306,9 @@ class EAFTModule(pl.LightningModule):
     @property
     def adapter_only_checkpoints(self) -> bool:
         """LoRA on a base that ``model_name_or_path`` reloads: checkpoints leave the frozen base out.
-        (A ``model_config`` base has random weights that only the checkpoint could restore.)"""
-        return self.lora is not None and self.hparams.model_name_or_path is not None
+        (A ``model_config`` base has random weights that only the checkpoint could restore; under
+        ModelParallelStrategy / FSDP2 they hold the base too: see ``loads_checkpoints_itself``.)"""
+        return self.lora is not None and self.hparams.model_name_or_path is not None and not loads_checkpoints_itself(self._trainer)
 
     def _frozen_base_keys(self, keys: Iterable[str]) -> Set[str]:
         """The keys among ``keys`` (a module state dict's) of the frozen base weights: every model entry

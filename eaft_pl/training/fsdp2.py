@@ -32,7 +32,18 @@ from torch import nn
 
 from eaft_pl.training.strategies import decoder_layer_classes
 
-__all__ = ["FSDP2Strategy", "shard_with_fsdp2"]
+__all__ = ["FSDP2Strategy", "loads_checkpoints_itself", "shard_with_fsdp2"]
+
+
+def loads_checkpoints_itself(trainer: Any) -> bool:
+    """Whether ``trainer``'s strategy loads the model's weights from a checkpoint itself, strictly,
+    before ``LightningModule.on_load_checkpoint`` runs (``ModelParallelStrategy``, and so FSDP2).
+
+    ``EAFTModule``'s adapter-only LoRA checkpoints leave the frozen base out and hand its keys back in
+    ``on_load_checkpoint``; under such a strategy that comes too late (a missing-key error on resume,
+    for the single file and the sharded folder alike), so there LoRA checkpoints keep the base too.
+    """
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
 
 
 def shard_with_fsdp2(
