@@ -1,8 +1,9 @@
 """A short recorded `fit` for the scale-out tests: the logged loss of every optimizer step, the
 gradients the optimizer sees (DDP) and the final weights, written by rank 0 to one file.
 
-Also a script: ``python tests/scale_fit.py OUT.pt TOKENIZER_DIR TRAIN_FILE CLIP`` runs the same fit
-under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes. FSDP launches its
+Also a script: ``python tests/scale_fit.py OUT.pt TOKENIZER_DIR TRAIN_FILE CLIP [fsdp|fsdp2]`` runs the
+same fit under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` (or
+:class:`~eaft_pl.training.fsdp2.FSDP2Strategy`) on 2 CPU processes. FSDP launches its
 ranks by re-running the script (Lightning's subprocess launcher), which a pytest process cannot be.
 """
 
@@ -155,11 +156,10 @@ def recorded_fit(
     return torch.load(record_path) if trainer.is_global_zero else {}
 
 
-if __name__ == "__main__":  # the FSDP run of tests/test_scale.py
+if __name__ == "__main__":  # the FSDP and FSDP2 runs of tests/test_scale.py
+    from eaft_pl.training.fsdp2 import FSDP2Strategy
     from eaft_pl.training.strategies import DecoderLayerFSDPStrategy
 
     out, tokenizer, train, clip = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    recorded_fit(
-        Path(out), Path(tokenizer), Path(train), devices=2, strategy=DecoderLayerFSDPStrategy(), micro_batch=2,
-        gradient_clip_val=clip,
-    )
+    strategy = FSDP2Strategy() if sys.argv[5:] == ["fsdp2"] else DecoderLayerFSDPStrategy()
+    recorded_fit(Path(out), Path(tokenizer), Path(train), devices=2, strategy=strategy, micro_batch=2, gradient_clip_val=clip)
