@@ -458,6 +458,10 @@ def test_the_cli_takes_peft_fields_and_print_config_round_trips(tmp_path, capsys
     assert cli.model.lora.r == 2 and cli.model.lora.use_dora is True
     with pytest.raises(ValueError, match=r"model\.init_args\.lora\.use_dorra is not a field .*did you mean use_dora"):
         cli_main([*QUICKSTART, "--model.init_args.lora.use_dorra=true", "--trainer.logger=false"], run=False)
+    # peft's class by name: the same options, kept as written in hparams.
+    spec = "--model.init_args.lora={class_path: peft.LoraConfig, init_args: {r: 4, use_dora: true}}"
+    cli = cli_main([*QUICKSTART, spec, "--trainer.logger=false"], run=False)
+    assert cli.model.lora == LoRAOptions(r=4, use_dora=True) and cli.model.hparams.lora["class_path"] == "peft.LoraConfig"
 
 
 def test_a_config_stored_by_the_seven_field_version_still_loads(monkeypatch, tmp_path):

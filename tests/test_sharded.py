@@ -1,6 +1,7 @@
-"""The whole model on rank zero under FSDP (eaft_pl/training/sharded.py) and the rank-zero callbacks that use
-it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP process in this process for
-the copy itself (tied weights, dtype), two CPU processes over gloo for the callbacks."""
+"""The whole model on rank zero under FSDP and FSDP2 (eaft_pl/training/sharded.py) and the rank-zero callbacks
+that use it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP (or fully_shard) process
+in this process for the copy itself (tied weights, dtype), two CPU processes over gloo for the
+callbacks, and for FSDP2's losses and resumed LoRA fits."""
 
 import dataclasses
 import functools
