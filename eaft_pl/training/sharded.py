@@ -15,11 +15,15 @@ the copy.
 Memory (rank zero): the full weights once in CPU memory (``cpu_offload``: only rank zero keeps them,
 the other ranks keep nothing), moved into the copy on ``device`` one tensor at a time (each gathered
 tensor is dropped once copied, so the two together hold about one model). While a weight is
-gathered, every rank holds that one weight in full on its accelerator. No random initialisation is spent on the copy. Buffers are copied as the
-training model holds them (float32 under ``DecoderLayerFSDPStrategy``, whose precision plugin keeps
-them so; bf16 under Lightning's plain ``FSDPStrategy`` with ``bf16-mixed``), so the copy computes
-what the sharded model computes; those a state dict leaves out (non-persistent, as the rotary
-``inv_freq``) are whole on every rank and come from rank zero's own model.
+gathered, every rank holds that one weight in full on its accelerator. No random initialisation is
+spent on the copy. Before, units were gathered one at a time straight onto ``device``, with no CPU
+memory; the CPU now holds the model once on the way.
+
+Buffers: those a state dict leaves out (non-persistent, as the rotary ``inv_freq``) are whole on
+every rank and are copied from rank zero's model as training holds them (float32 under
+``DecoderLayerFSDPStrategy``, whose precision plugin keeps them so; bf16 under Lightning's plain
+``FSDPStrategy`` with ``bf16-mixed``), so the copy computes what the sharded model computes; the
+others come with the state dict.
 """
 
 from __future__ import annotations
