@@ -434,7 +434,7 @@ def test_bad_peft_options_name_their_key(kwargs, message):
         LoRAOptions(**kwargs)
 
 
-QUICKSTART = ["--config", str(REPO / "configs/quickstart/base.yaml"), "--config", str(REPO / "configs/quickstart/eaft.yaml")]
+QUICKSTART = ["--config", str(REPO / "configs/setup/quickstart.yaml"), "--config", str(REPO / "configs/method/eaft.yaml")]
 
 
 def test_the_cli_takes_peft_fields_and_print_config_round_trips(tmp_path, capsys):
