@@ -106,9 +106,10 @@ class EAFTModule(pl.LightningModule):
         lora: Train LoRA adapters instead of every weight (needs ``pip install 'eaft-pl[lora]'``): the
             fields of ``peft.LoraConfig`` (or a ``LoRAOptions`` / ``peft.LoraConfig`` from Python), with
             the checks and defaults of :class:`eaft_pl.training.lora.LoRAOptions`: ``{r: 16, alpha: 32,
-            dropout: 0.05, target_modules: all-linear, use_dora: false}``. The base model is the adapted one with its adapters off, so
-            ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
-            the adapters only (and their optimizer state); resuming reloads the base from there.
+            dropout: 0.05, target_modules: all-linear, use_dora: false}``. The base model is the
+            adapted one with its adapters off, so ``reference_source: frozen`` costs no copy. With
+            ``model_name_or_path``, checkpoints hold the adapters only (and their optimizer state;
+            not under FSDP2); resuming reloads the base from there.
         max_skipped_steps: An optimizer step whose loss or gradient holds a NaN or inf is skipped
             (no weight, moment or step count of AdamW changes; the learning-rate schedule still
             advances), counted and logged as ``train/skipped_steps``; once more than this many were
