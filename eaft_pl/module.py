@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -24,6 +23,7 @@ from eaft_pl.loss.stats import TokenStats
 from eaft_pl.models.loading import build_causal_lm, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from eaft_pl.reference import ReferenceTable, frozen_copy, frozen_reference, reference_for_datamodule, token_kl
 from eaft_pl.training.adapter_checkpoints import ADAPTER_ONLY_KEY, drop_frozen_base, restore_frozen_base
+from eaft_pl.training.fsdp2 import loads_checkpoints_itself, shard_with_fsdp2
 from eaft_pl.training.lora import AdapterDisabled, LoRAOptions, apply_lora
 from eaft_pl.training.normalization import StepNormalizer, scale_gradients
 from eaft_pl.training.numerics import NonFiniteStepGuard
@@ -98,11 +98,13 @@ class EAFTModule(pl.LightningModule):
             supervised tokens). Plain path only (refused with ``chunk_size``).
         reference_kl_direction: ``"policy_ref"``: KL(p_theta || p_ref); ``"ref_policy"``:
             KL(p_ref || p_theta) (see :func:`eaft_pl.reference.token_kl`).
-        lora: Train LoRA adapters (:class:`eaft_pl.training.lora.LoRAOptions`, needs ``pip install
-            'eaft-pl[lora]'``) instead of every weight: ``{r: 16, alpha: 32, dropout: 0.05,
-            target_modules: all-linear}``. The base model is the adapted one with its adapters off, so
-            ``reference_source: frozen`` costs no copy. With ``model_name_or_path``, checkpoints hold
-            the adapters only (and their optimizer state); resuming reloads the base from there.
+        lora: Train LoRA adapters instead of every weight (needs ``pip install 'eaft-pl[lora]'``): the
+            fields of ``peft.LoraConfig`` (or a ``LoRAOptions`` / ``peft.LoraConfig`` from Python), with
+            the checks and defaults of :class:`eaft_pl.training.lora.LoRAOptions`: ``{r: 16, alpha: 32,
+            dropout: 0.05, target_modules: all-linear, use_dora: false}``. The base model is the
+            adapted one with its adapters off, so ``reference_source: frozen`` costs no copy. With
+            ``model_name_or_path``, checkpoints hold the adapters only (and their optimizer state;
+            not under FSDP2); resuming reloads the base from there.
         max_skipped_steps: An optimizer step whose loss or gradient holds a NaN or inf is skipped
             (no weight, moment or step count of AdamW changes; the learning-rate schedule still
             advances), counted and logged as ``train/skipped_steps``; once more than this many were
@@ -136,7 +138,7 @@ class EAFTModule(pl.LightningModule):
         reference_cache_dir: Optional[str] = "outputs/reference_cache",
         reference_kl_coef: float = 0.0,
         reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
-        lora: Optional[LoRAOptions] = None,
+        lora: Optional[Dict[str, Any]] = None,
         max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
@@ -148,11 +150,8 @@ class EAFTModule(pl.LightningModule):
             chunk_size=chunk_size, reference_source=reference_source, reference_kl_coef=reference_kl_coef,
             reference_kl_direction=reference_kl_direction, max_skipped_steps=max_skipped_steps,
         )  # fmt: skip
-        if isinstance(lora, dict):  # from Python code or a checkpoint's hparams; the CLI builds the dataclass
-            lora = LoRAOptions(**lora)
-        if lora is not None and not isinstance(lora, LoRAOptions):
-            raise ValueError(f"model.init_args.lora must be a mapping of LoRAOptions fields or null, got {lora!r}")
-        lora_options, lora = lora, (dataclasses.asdict(lora) if lora is not None else None)
+        lora_options = LoRAOptions.from_value(lora)  # a mapping (the CLI's, a checkpoint's), LoRAOptions or LoraConfig
+        lora = lora_options.to_dict() if lora_options is not None else None
         # hparams keep the plain mapping: checkpoints load with torch.load(weights_only=True), which
         # refuses pickled classes.
         self.save_hyperparameters()
@@ -204,6 +203,7 @@ class EAFTModule(pl.LightningModule):
         if self.model is not None:  # Lightning may call this more than once (fit then test)
             return
         self.build_model()
+        shard_with_fsdp2(self)  # fully_shard under ModelParallelStrategy / FSDP2Strategy; else nothing
 
     def build_model(self, reference: bool = True) -> None:
         """Load or build the tokenizer and the model, add the LoRA adapters (``lora``) and, with
@@ -259,8 +259,9 @@ class EAFTModule(pl.LightningModule):
     @property
     def adapter_only_checkpoints(self) -> bool:
         """LoRA on a base that ``model_name_or_path`` reloads: checkpoints leave the frozen base out.
-        (A ``model_config`` base has random weights that only the checkpoint could restore.)"""
-        return self.lora is not None and self.hparams.model_name_or_path is not None
+        (A ``model_config`` base has random weights that only the checkpoint could restore; under
+        ModelParallelStrategy / FSDP2 they hold the base too: see ``loads_checkpoints_itself``.)"""
+        return self.lora is not None and self.hparams.model_name_or_path is not None and not loads_checkpoints_itself(self._trainer)
 
     @property
     def skipped_steps(self) -> int:

@@ -3,9 +3,10 @@
 recorded for the FSDP gather tests: a short fit of the tiny Llama, fully fine-tuned and with LoRA,
 evaluated at every optimizer step and exported at the end.
 
-Also a script: ``python tests/gather_fit.py OUT_DIR TOKENIZER_DIR TRAIN_FILE`` runs both fits under
-:class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes (one launch, two fits: the
-process start-up is most of the cost).
+Also a script: ``python tests/gather_fit.py OUT_DIR TOKENIZER_DIR TRAIN_FILE [fsdp|fsdp2]`` runs both fits
+under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` (``fsdp``, the default) or
+:class:`~eaft_pl.training.fsdp2.FSDP2Strategy` (``fsdp2``) on 2 CPU processes (one launch, two fits:
+the process start-up is most of the cost).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def gather_fit(out_dir: Path, tokenizer_dir: Path, train_file: Path, lora: Optio
     return {**record, "forgetting": forgetting.history, "cohort": cohort.history, "lm_eval": lm_eval}
 
 
-if __name__ == "__main__":  # the FSDP runs of tests/test_sharded.py
+if __name__ == "__main__":  # the FSDP and FSDP2 runs of tests/test_sharded.py
+    from eaft_pl.training.fsdp2 import FSDP2Strategy
     from eaft_pl.training.strategies import DecoderLayerFSDPStrategy
 
     # lm-eval appends torch's environment report (pip, nvidia-smi) to every result: seconds, no scores.
@@ -82,6 +84,7 @@ if __name__ == "__main__":  # the FSDP runs of tests/test_sharded.py
 
     out, tokenizer, train = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     for variant, options in VARIANTS.items():
-        result = gather_fit(out / variant, tokenizer, train, options, devices=2, strategy=DecoderLayerFSDPStrategy(), micro_batch=2)
+        strategy = FSDP2Strategy() if sys.argv[4:] == ["fsdp2"] else DecoderLayerFSDPStrategy()
+        result = gather_fit(out / variant, tokenizer, train, options, devices=2, strategy=strategy, micro_batch=2)
         if result:  # rank zero
             torch.save(result, out / variant / "result.pt")

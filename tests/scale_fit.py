@@ -1,8 +1,9 @@
 """A short recorded `fit` for the scale-out tests: the logged loss of every optimizer step, the
 gradients the optimizer sees (DDP) and the final weights, written by rank 0 to one file.
 
-Also a script: ``python tests/scale_fit.py OUT.pt TOKENIZER_DIR TRAIN_FILE CLIP`` runs the same fit
-under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` on 2 CPU processes. FSDP launches its
+Also a script: ``python tests/scale_fit.py OUT.pt TOKENIZER_DIR TRAIN_FILE CLIP [fsdp|fsdp2]`` runs the
+same fit under :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy` (or
+:class:`~eaft_pl.training.fsdp2.FSDP2Strategy`) on 2 CPU processes. FSDP launches its
 ranks by re-running the script (Lightning's subprocess launcher), which a pytest process cannot be.
 """
 
@@ -71,6 +72,7 @@ class RecordingModule(EAFTModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.recorded: Dict[str, Any] = {"logged": [], "grads": [], "initial": self._weights()}
+        self.recorded["param_types"] = sorted({type(p).__name__ for p in self.model.parameters()})  # DTensor: FSDP2
 
     def log_dict(self, dictionary, *args, **kwargs):  # the step's metrics, already reduced over ranks
         if "train/loss" in dictionary:
@@ -84,13 +86,17 @@ class RecordingModule(EAFTModule):
             self.recorded["grads"].append(grads)
 
     def _weights(self) -> Dict[str, torch.Tensor]:
-        """Every weight of the language model, whole. Under FSDP the shards are gathered (a collective:
+        """Every weight of the language model, whole. Under FSDP (1 and 2) the shards are gathered (a collective:
         every rank calls this); Lightning's full state dict crashes on CPU tensors in torch 2.13."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        from torch.distributed.tensor import DTensor
+
         root = self.trainer.strategy.model
-        if not isinstance(root, FullyShardedDataParallel):
-            return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        if not isinstance(root, FullyShardedDataParallel):  # FSDP2's shards are DTensors: gathered too
+            return {
+                n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in self.model.named_parameters()
+            }
         with FullyShardedDataParallel.summon_full_params(root, writeback=False):
             return {unwrapped_name(n): p.detach().clone() for n, p in self.model.named_parameters()}
 
@@ -130,7 +136,7 @@ def recorded_fit(
         lora=lora,
     )
     module.record_path = str(record_path)  # instance attributes travel to spawned ranks
-    module.keep_grads = not type(strategy).__name__.endswith("FSDPStrategy")  # FSDP's are shards
+    module.keep_grads = "FSDP" not in type(strategy).__name__  # FSDP's (and FSDP2's) are shards
     data = data_class(train_file=str(train_file), tokenizer_name_or_path=str(tokenizer_dir), batch_size=micro_batch)
     trainer = pl.Trainer(
         max_steps=STEPS,
@@ -150,11 +156,10 @@ def recorded_fit(
     return torch.load(record_path) if trainer.is_global_zero else {}
 
 
-if __name__ == "__main__":  # the FSDP run of tests/test_scale.py
+if __name__ == "__main__":  # the FSDP and FSDP2 runs of tests/test_scale.py
+    from eaft_pl.training.fsdp2 import FSDP2Strategy
     from eaft_pl.training.strategies import DecoderLayerFSDPStrategy
 
     out, tokenizer, train, clip = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    recorded_fit(
-        Path(out), Path(tokenizer), Path(train), devices=2, strategy=DecoderLayerFSDPStrategy(), micro_batch=2,
-        gradient_clip_val=clip,
-    )
+    strategy = FSDP2Strategy() if sys.argv[5:] == ["fsdp2"] else DecoderLayerFSDPStrategy()
+    recorded_fit(Path(out), Path(tokenizer), Path(train), devices=2, strategy=strategy, micro_batch=2, gradient_clip_val=clip)

@@ -140,10 +140,10 @@ def test_bad_options_name_the_key(tmp_path, task_dir):
     with pytest.raises(ValueError, match="hflm_kwargs.*batch_size"):
         LMEvalCallback(tasks=["tiny_mc"], hflm_kwargs={"batch_size": 2})
     # Both rank-zero evaluators share the refusal of the sharded models the gather cannot serve
-    # (PeriodicEvaluation._check_base_run); FSDP is gathered (tests/test_sharded.py).
+    # (PeriodicEvaluation._check_base_run); FSDP and FSDP2 are gathered (tests/test_sharded.py).
     for callback in (LMEvalCallback(tasks=["tiny_mc"], include_path=str(task_dir)), ForgettingCallback()):
         name = type(callback).__name__
-        for strategy in ("DeepSpeedStrategy", "ModelParallelStrategy"):
+        for strategy in ("DeepSpeedStrategy",):
             fake = SimpleNamespace(strategy=type(strategy, (), {})(), global_step=0)
             with pytest.raises(ValueError, match=f"{name} needs the whole model on rank zero and cannot gather it under {strategy}"):
                 callback.on_train_start(fake, None)

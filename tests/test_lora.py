@@ -334,3 +334,142 @@ def test_a_failed_export_leaves_the_previous_folder_and_no_temporary_one(base_di
     with pytest.raises(OSError, match="disk full"):
         export_hf_folder(module, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "previous").read_text() == "kept"
+
+
+# ---- peft's own LoraConfig fields (model.init_args.lora) -------------------------------------------
+
+
+def lora_modules(model):
+    """``name -> LoRA layer`` of the adapted layers of a PEFT model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+OLD_KEYS = dict(r=8, alpha=16.0, dropout=0.1, target_modules=["q_proj", "v_proj"], modules_to_save=None, use_rslora=True)
+
+
+def test_the_old_keys_give_the_peft_config_they_gave_before():
+    from peft import LoraConfig
+
+    # What LoRAOptions.to_peft_config built when it had these seven fields (343be77), written out.
+    def before(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear", modules_to_save=None, use_rslora=False, init_lora_weights=True):
+        return LoraConfig(
+            task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=target_modules,
+            modules_to_save=modules_to_save, bias="none", use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+        )  # fmt: skip
+
+    for old in ({}, OLD_KEYS, {**OLD_KEYS, "init_lora_weights": "gaussian", "modules_to_save": ["lm_head"]}):
+        assert LoRAOptions(**old).to_peft_config().to_dict() == before(**old).to_dict(), old
+    peft_names = {**OLD_KEYS, "lora_alpha": OLD_KEYS["alpha"], "lora_dropout": OLD_KEYS["dropout"]}
+    del peft_names["alpha"], peft_names["dropout"]
+    assert LoRAOptions(**peft_names) == LoRAOptions(**OLD_KEYS)
+    assert LoRAOptions(**OLD_KEYS).alpha == 16.0 and LoRAOptions(**OLD_KEYS).lora_alpha == 16.0
+
+
+def test_a_peft_lora_config_and_the_class_path_form_are_taken_as_given():
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, layers_to_transform=[1])
+    options = LoRAOptions.from_value(config)
+    assert options.to_peft_config().to_dict() == {**config.to_dict(), "task_type": "CAUSAL_LM"}
+    # peft's defaults where the config left them: peft's r=8 stays 8 (not the package's 16).
+    assert LoRAOptions.from_value(LoraConfig(target_modules=["q_proj"])).r == 8
+    # The class_path form is the mapping form: the same fields, the package's defaults.
+    spec = {"class_path": "peft.LoraConfig", "init_args": {"lora_alpha": 4.0, "use_dora": True}}
+    assert LoRAOptions.from_value(spec) == LoRAOptions(lora_alpha=4.0, use_dora=True)
+    with pytest.raises(ValueError, match=r"model.init_args.lora: the class_path form takes class_path: peft.LoraConfig"):
+        LoRAOptions.from_value({"class_path": "peft.IA3Config", "init_args": {}})
+
+
+def test_dora_builds_trains_a_step_and_its_checkpoint_reloads(base_dir, train_file, tmp_path):
+    module = lora_module(base_dir, learning_rate=1e-2, lora={"use_dora": True})
+    module.configure_model()
+    layers = lora_modules(module.model)
+    assert layers and all(layer.use_dora["default"] for layer in layers.values())
+    before = named(module, True)
+    magnitudes = [n for n in before if "lora_magnitude_vector" in n]
+    assert magnitudes and all("lora_" in n for n in before)
+    fit(module, base_dir, train_file, tmp_path, steps=1)
+    after = named(module, True)
+    assert all(not torch.equal(after[n], before[n]) for n in magnitudes)  # DoRA's magnitudes trained
+    # The checkpoint's hparams are plain data (weights_only) and rebuild the same DoRA model.
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["lora"] == LoRAOptions(r=4, alpha=8.0, dropout=0.0, use_dora=True).to_dict()
+    loaded = EAFTModule.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert loaded.lora == module.lora
+    for name, value in after.items():
+        torch.testing.assert_close(dict(loaded.named_parameters())[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_rank_pattern_and_layers_to_transform_reach_peft(base_dir):
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "rank_pattern": {"v_proj": 2}, "layers_to_transform": [1]}
+    module = lora_module(base_dir, lora=lora)
+    module.configure_model()
+    ranks = {n.split("model.layers.")[1]: layer.r["default"] for n, layer in lora_modules(module.model).items()}
+    assert ranks == {"1.self_attn.q_proj": 4, "1.self_attn.v_proj": 2, "1.mlp.down_proj": 4}  # layer 0 untouched
+    assert dict(module.model.named_parameters())[
+        "base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"
+    ].shape == (2, TINY_LLAMA["hidden_size"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"use_dorra": True}, r"model\.init_args\.lora\.use_dorra is not a field of peft\.LoraConfig .*did you mean use_dora"),
+        ({"rank": 4}, r"model\.init_args\.lora\.rank is not a field of peft\.LoraConfig .*the fields are: .*\br, "),
+        ({"alpha": 8, "lora_alpha": 16}, r"model\.init_args\.lora\.alpha and model\.init_args\.lora\.lora_alpha are the same option"),
+        ({"lora_alpha": -1}, r"model\.init_args\.lora\.lora_alpha must be > 0"),
+        ({"task_type": "SEQ_CLS"}, r"model\.init_args\.lora\.task_type is set by eaft-pl to CAUSAL_LM"),
+        ({"bias": "lora_only"}, r"model\.init_args\.lora\.bias must be 'none'"),
+        ({"init_lora_weights": "olora"}, r"model\.init_args\.lora\.init_lora_weights .*rewrite the base weights"),
+        ({"rank_pattern": {"v_proj": 0}}, r"model\.init_args\.lora\.rank_pattern must map module names to integers >= 1"),
+        ({"inference_mode": True}, r"model\.init_args\.lora\.inference_mode"),
+        # peft's own refusals, quoted, with the package's defaults that led to them.
+        ({"layers_to_transform": [0]}, r"model\.init_args\.lora: peft\.LoraConfig refused .*target_modules: all-linear.*layers_to_transform"),
+    ],
+)
+def test_bad_peft_options_name_their_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAOptions(**kwargs)
+
+
+QUICKSTART = ["--config", str(REPO / "configs/setup/quickstart.yaml"), "--config", str(REPO / "configs/method/eaft.yaml")]
+
+
+def test_the_cli_takes_peft_fields_and_print_config_round_trips(tmp_path, capsys):
+    config = tmp_path / "lora.yaml"
+    config.write_text(
+        "model:\n  init_args:\n    lora: {r: 8, lora_alpha: 16, use_dora: true, target_modules: [q_proj, v_proj],"
+        " rank_pattern: {v_proj: 4}, layers_to_transform: [0]}\n"
+    )
+    expected = LoRAOptions(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}, layers_to_transform=[0])
+    cli = cli_main([*QUICKSTART, "--config", str(config), "--trainer.logger=false"], run=False)
+    assert cli.model.lora == expected
+    # Under the CLI, hparams hold the config as written (Lightning's), which rebuilds the same options.
+    assert LoRAOptions.from_value(cli.model.hparams.lora) == expected
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *QUICKSTART, "--config", str(config), "--print_config"])
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text("\n".join(l for l in capsys.readouterr().out.splitlines() if not l.startswith(("ckpt_path:", "weights_only:"))))
+    assert cli_main(["--config", str(dumped), "--trainer.logger=false"], run=False).model.lora == expected
+    # A dotted override reaches one field; a misspelt one is named.
+    cli = cli_main([*QUICKSTART, "--config", str(config), "--model.init_args.lora.r=2", "--trainer.logger=false"], run=False)
+    assert cli.model.lora.r == 2 and cli.model.lora.use_dora is True
+    with pytest.raises(ValueError, match=r"model\.init_args\.lora\.use_dorra is not a field .*did you mean use_dora"):
+        cli_main([*QUICKSTART, "--model.init_args.lora.use_dorra=true", "--trainer.logger=false"], run=False)
+    # peft's class by name: the same options, kept as written in hparams.
+    spec = "--model.init_args.lora={class_path: peft.LoraConfig, init_args: {r: 4, use_dora: true}}"
+    cli = cli_main([*QUICKSTART, spec, "--trainer.logger=false"], run=False)
+    assert cli.model.lora == LoRAOptions(r=4, use_dora=True) and cli.model.hparams.lora["class_path"] == "peft.LoraConfig"
+
+
+def test_a_config_stored_by_the_seven_field_version_still_loads(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)  # the stored config names data files relative to the repository
+    text = (REPO / "tests" / "data" / "legacy_configs" / "quickstart_lora.yaml").read_text()
+    assert "    lora:\n      r: 8\n      alpha: 16.0\n      dropout: 0.1\n" in text  # the old keys
+    config = tmp_path / "stored.yaml"
+    config.write_text("\n".join(line for line in text.splitlines() if not line.startswith(("ckpt_path:", "weights_only:"))))
+    cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
+    assert cli.model.lora == LoRAOptions(**OLD_KEYS, init_lora_weights=True)
+    assert cli.model.lora.to_peft_config().lora_alpha == 16.0

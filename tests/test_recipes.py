@@ -24,7 +24,7 @@ DOMAINS = {
 METHODS = {"sft": SFTGate, "eaft": EAFTGate}
 # Every DDP/FSDP overlay; DeepSpeed's refuses paper.yaml's rank-zero callbacks (its own comment and
 # test_the_deepspeed_overlay_needs_the_recipe_callbacks_replaced).
-OVERLAYS = ["ddp_1x8", "fsdp_1x8", "fsdp_2x8", "fsdp_4x8"]
+OVERLAYS = ["ddp_1x8", "fsdp_1x8", "fsdp2_1x8", "fsdp_2x8", "fsdp_4x8"]
 
 
 def instantiate(domain, method, overlay, launcher_order=False):

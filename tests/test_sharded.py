@@ -1,6 +1,7 @@
-"""The whole model on rank zero under FSDP (eaft_pl/training/sharded.py) and the rank-zero callbacks that use
-it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP process in this process for
-the copy itself (tied weights, dtype), two CPU processes over gloo for the callbacks."""
+"""The whole model on rank zero under FSDP and FSDP2 (eaft_pl/training/sharded.py) and the rank-zero callbacks
+that use it: SaveHFModel, ForgettingCallback, ConflictCohortCallback. One FSDP (or fully_shard) process
+in this process for the copy itself (tied weights, dtype), two CPU processes over gloo for the
+callbacks, and for FSDP2's losses and resumed LoRA fits."""
 
 import dataclasses
 import functools
@@ -23,8 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import REPO, TINY_LLAMA
 from eaft_pl.evaluation.forgetting import ForgettingCallback
 from eaft_pl.training.adapter_checkpoints import frozen_base_keys
-from eaft_pl.training.sharded import gather_full_model, unwrapped_name
+from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding, unwrapped_name
 from gather_fit import VARIANTS, gather_fit
+from test_ddp import assert_records_equal
 from scale_fit import write_records
 
 
@@ -52,9 +54,21 @@ class Holder(torch.nn.Module):
         self.model = model
 
 
-def fsdp_strategy(model):
+def fsdp_strategy(model, version=1):
+    """What gather_full_model reads of Lightning's FSDPStrategy (``version=1``) or ModelParallelStrategy
+    (2: ``fully_shard`` on each decoder layer and the model, as EAFTModule.configure_model applies it)."""
     layer = type(model.model.layers[0])
-    root = FullyShardedDataParallel(Holder(model), auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True)
+    if version == 2:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from eaft_pl.training.fsdp2 import shard_with_fsdp2
+
+        holder = Holder(model)
+        holder._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        assert shard_with_fsdp2(holder)
+        root = holder
+    else:
+        root = FullyShardedDataParallel(Holder(model), auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True)
     return SimpleNamespace(model=root, is_global_zero=True, root_device=torch.device("cpu"))
 
 
@@ -69,24 +83,30 @@ def test_without_sharding_rank_zero_gets_the_model_itself_and_the_others_nothing
     assert gather_full_model(SimpleNamespace(model=model, is_global_zero=False), model) is None
 
 
-@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "ModelParallelStrategy"])
-def test_unsupported_sharding_is_refused_by_name(strategy):
-    fake = type(strategy, (), {"model": None, "is_global_zero": True})()
-    with pytest.raises(ValueError, match=f"ForgettingCallback .* under {strategy}"):
+def test_unsupported_sharding_is_refused_by_name():
+    fake = type("DeepSpeedStrategy", (), {"model": None, "is_global_zero": True})()
+    with pytest.raises(ValueError, match="ForgettingCallback .* under DeepSpeedStrategy"):
         ForgettingCallback().on_train_start(SimpleNamespace(strategy=fake, global_step=0), None)
+    # ModelParallelStrategy (FSDP2) is gathered now: the refusal does not name it.
+    refuse_unsupported_sharding(type("ModelParallelStrategy", (), {})(), "ForgettingCallback")
 
 
+@pytest.mark.parametrize("version", [1, 2], ids=["fsdp", "fsdp2"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_fsdp_copy_holds_the_full_weights_and_keeps_ties(one_rank_group, tied):
+def test_fsdp_copy_holds_the_full_weights_and_keeps_ties(one_rank_group, tied, version):
+    from torch.distributed.fsdp import FSDPModule
+
     model = tiny_model(tie_word_embeddings=tied)
+    own_class = type(model)  # fully_shard makes it an FSDPLlamaForCausalLM; the copy must not be
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     inputs = torch.tensor([[3, 5, 7, 11]])
     with torch.no_grad():
         logits = model(input_ids=inputs).logits
-    strategy = fsdp_strategy(model)
-    assert sum(isinstance(m, FullyShardedDataParallel) for m in strategy.model.modules()) == 1 + TINY_LLAMA["num_hidden_layers"]
+    strategy = fsdp_strategy(model, version)
+    kind = FullyShardedDataParallel if version == 1 else FSDPModule
+    assert sum(isinstance(m, kind) for m in strategy.model.modules()) == 1 + TINY_LLAMA["num_hidden_layers"]
     copy = gather_full_model(strategy, model)
-    assert copy is not model and type(copy) is type(model) and not copy.training
+    assert copy is not model and type(copy) is own_class and not copy.training
     got = dict(copy.named_parameters())
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
@@ -96,6 +116,23 @@ def test_fsdp_copy_holds_the_full_weights_and_keeps_ties(one_rank_group, tied):
         torch.testing.assert_close(copy(input_ids=inputs).logits, logits, rtol=0, atol=1e-6)  # buffers (rotary) too
     half = gather_full_model(strategy, model, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_fsdp2_sharding_acts_only_under_a_data_parallel_mesh():
+    from eaft_pl.training.fsdp2 import shard_with_fsdp2
+
+    model = tiny_model()
+    assert shard_with_fsdp2(SimpleNamespace(model=model, _device_mesh=None)) is False  # no ModelParallelStrategy
+
+    class TensorParallelMesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return SimpleNamespace(size=lambda: 2 if name == "tensor_parallel" else 1)
+
+    with pytest.raises(ValueError, match=r"without tensor parallelism.*tensor-parallel size of 2.*FSDP2Strategy"):
+        shard_with_fsdp2(SimpleNamespace(model=model, _device_mesh=TensorParallelMesh()))
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())  # refused before touching it
 
 
 # ---- the callbacks under FSDP on 2 CPU processes ------------------------------------------------
@@ -121,24 +158,32 @@ def same_numbers(a, b):
 
 
 @pytest.mark.slow
-def test_fsdp_export_and_rank_zero_evaluations_equal_one_process(tmp_path, tokenizer_dir, monkeypatch):
-    """Under 2-process FSDP, full fine-tuning and LoRA: the exported folder holds the gathered trained
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
+def test_fsdp_export_and_rank_zero_evaluations_equal_one_process(tmp_path, tokenizer_dir, monkeypatch, strategy):
+    """Under 2-process FSDP (DecoderLayerFSDPStrategy) and FSDP2 (FSDP2Strategy: fully_shard through
+    Lightning's ModelParallelStrategy), full fine-tuning and LoRA: the step losses and final weights
+    equal the unsharded run's (rel 1e-5 / 1e-4); the exported folder holds the gathered trained
     weights, loads with from_pretrained and equals the unsharded run's; the forgetting scores and the
-    cohort records and the lm-eval scores at every step equal the unsharded run's (and nothing hangs)."""
+    cohort records and the lm-eval scores at every step equal the unsharded run's (and nothing hangs).
+    About 10 s per strategy on 2 CPU cores (one launch, both variants)."""
     train = write_records(tmp_path / "train.jsonl")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     run = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "gather_fit.py"), str(tmp_path), str(tokenizer_dir), str(train)],
+        [sys.executable, str(REPO / "tests" / "gather_fit.py"), str(tmp_path), str(tokenizer_dir), str(train), strategy],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     single_dir, singles = single_process_results(str(tokenizer_dir), monkeypatch)
     for variant, single in singles.items():
         fsdp = torch.load(tmp_path / variant / "result.pt", weights_only=False)
+        assert fsdp["param_types"] == (["DTensor"] if strategy == "fsdp2" else ["Parameter"]), variant  # sharded by fully_shard
+        assert_records_equal(fsdp, single, grads=False)  # the same loss, ce and tokens at each step; the same weights
         assert len(fsdp["forgetting"]) == 3 and same_numbers(fsdp["forgetting"], single["forgetting"]), variant
         assert len(fsdp["cohort"]) == 3 and same_numbers(fsdp["cohort"], single["cohort"]), variant
         assert fsdp["cohort"][0]["cohort/conflict/tokens"] > 0  # both cohorts are scored
         assert len(fsdp["lm_eval"]) == 3 and same_numbers(fsdp["lm_eval"], single["lm_eval"]), variant
+        # The model's own class, not fully_shard's FSDPLlamaForCausalLM: other tools read this name.
+        assert AutoConfig.from_pretrained(tmp_path / variant / "hf").architectures == ["LlamaForCausalLM"], variant
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / variant / "hf").state_dict()
         reference = AutoModelForCausalLM.from_pretrained(single_dir / variant / "hf").state_dict()
         assert exported.keys() == reference.keys()
@@ -201,3 +246,31 @@ def test_lora_checkpoints_under_fsdp_keep_the_adapters(one_rank_group, tokenizer
     )
     assert any("_fsdp_wrapped_module" in n for n, _ in module.model.named_parameters())
     assert frozen_base_keys(module.model, keys) == {k for k in keys if k.startswith("model.")} - adapters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["dist", "file"])
+def test_fsdp2_lora_fits_resume_exactly(tmp_path, tokenizer_dir, checkpoint):
+    """FSDP2 (2 CPU processes) with LoRA on a model_name_or_path base: a fit resumed from its step-2
+    checkpoint (the strategy's sharded folder, or one file) ends with the uninterrupted fit's adapters,
+    exactly. The strategy loads checkpoints itself and strictly, so they keep the base weights (not
+    adapter-only as under DDP/FSDP1). About 10 s each on 2 CPU cores (three 2-process fits)."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    model = tiny_model(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(base)
+    train = write_records(tmp_path / "train.jsonl")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fsdp2_resume_fit.py"), str(tmp_path / "out"), str(base), str(train), checkpoint],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(tmp_path / "out" / "result.pt")
+    assert result["straight"].keys() == result["resumed"].keys() and all("lora_" in n for n in result["straight"])
+    for name, value in result["straight"].items():
+        torch.testing.assert_close(result["resumed"][name], value, rtol=0, atol=0, msg=name)
+    assert any("lora_" in k for k in result["checkpoint_keys"])
+    assert "model.base_model.model.model.embed_tokens.weight" in result["checkpoint_keys"]  # the base is kept

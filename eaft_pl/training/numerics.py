@@ -41,10 +41,14 @@ def all_finite(tensors: Sequence[Tensor]) -> Tensor:
     One fused max-abs per tensor (``torch._foreach_norm`` with ``ord=inf``; grouped by device and dtype
     into few kernels) and one reduction, no host sync. The max-abs norm never overflows for finite
     values (an L2 norm of large finite gradients could) and propagates NaN.
+
+    FSDP2's DTensor gradients are checked shard by shard (this rank's part): the caller combines the
+    ranks' answers, and a DTensor answer could not go through a plain all-reduce.
     """
     if not tensors:
         return torch.tensor(True)
-    norms = torch._foreach_norm(list(tensors), float("inf"))
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor -> this rank's shard
+    norms = torch._foreach_norm(tensors, float("inf"))
     return torch.isfinite(torch.stack(norms)).all()  # stack promotes bf16/fp32 norms to one dtype
 
 

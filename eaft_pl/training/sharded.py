@@ -2,27 +2,34 @@
 rank zero does alone: writing the Hugging Face folder, evaluating between optimizer steps.
 
 Under FSDP each rank holds a slice of every weight, so ``pl_module.model`` on rank zero is not a model
-one can save or run: its parameters are flat shards, and a forward pass there would wait for the other
-ranks' all-gathers forever. FSDP's ``summon_full_params`` makes the full weights visible but forbids
-forward passes inside it, so :func:`gather_full_model` builds a plain copy instead: the model's own
-classes (and PEFT wrapper) instantiated on the meta device, then filled, one FSDP unit at a time, with
-the unit's gathered weights. Every rank takes part in the gathers; rank zero gets the copy.
+one can save or run: its parameters are shards (FSDP1's flat parameters, FSDP2's DTensors), and a
+forward pass there would wait for the other ranks' all-gathers forever. :func:`gather_full_model`
+builds a plain copy instead: the model's own classes (and PEFT wrapper) instantiated on the meta
+device, then filled with the full weights that
+``torch.distributed.checkpoint.state_dict.get_model_state_dict(StateDictOptions(full_state_dict=True,
+cpu_offload=True))`` assembles on rank zero, the same call for FSDP1 (Lightning's ``FSDPStrategy``,
+:class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy`) and FSDP2 (``ModelParallelStrategy``,
+:class:`~eaft_pl.training.fsdp2.FSDP2Strategy`). Every rank takes part in the gathers; rank zero gets
+the copy.
 
-Memory (rank zero): the copy itself (every weight once, in its training dtype unless ``dtype`` says
-otherwise, on ``device``) plus one FSDP unit's full weights at a time on the accelerator while it is
-copied (a decoder layer, or the root unit with the embeddings and the LM head). Nothing is gathered
-twice and no random initialisation is spent on the copy. The other ranks hold one unit at a time.
-FSDP's ``offload_to_cpu`` is not used: with one unit gathered at a time, the accelerator never holds
-more than the largest unit, and each weight goes straight to ``device``. Buffers are copied as the
-training model holds them (float32 under ``DecoderLayerFSDPStrategy``, whose precision plugin keeps
-them so; bf16 under Lightning's plain ``FSDPStrategy`` with ``bf16-mixed``), so the copy computes
-what the sharded model computes.
+Memory (rank zero): the full weights once in CPU memory (``cpu_offload``: only rank zero keeps them,
+the other ranks keep nothing), moved into the copy on ``device`` one tensor at a time (each gathered
+tensor is dropped once copied, so the two together hold about one model). While a weight is
+gathered, every rank holds that one weight in full on its accelerator. No random initialisation is
+spent on the copy. Before, units were gathered one at a time straight onto ``device``, with no CPU
+memory; the CPU now holds the model once on the way.
+
+Buffers: those a state dict leaves out (non-persistent, as the rotary ``inv_freq``) are whole on
+every rank and are copied from rank zero's model as training holds them (float32 under
+``DecoderLayerFSDPStrategy``, whose precision plugin keeps them so; bf16 under Lightning's plain
+``FSDPStrategy`` with ``bf16-mixed``), so the copy computes what the sharded model computes; the
+others come with the state dict.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +40,6 @@ __all__ = ["gather_full_model", "unwrapped_name", "refuse_unsupported_sharding"]
 
 # What FSDP and its activation-checkpoint wrapper insert into parameter names.
 _WRAPPER_PARTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
-# FSDP's flattened parameter: the shards themselves, never a model weight.
-_FLAT_PARAM = "_flat_param"
 
 
 def unwrapped_name(name: str) -> str:
@@ -45,23 +50,35 @@ def unwrapped_name(name: str) -> str:
 
 def refuse_unsupported_sharding(strategy: Any, what: str) -> None:
     """Raise when ``strategy`` shards the model in a way :func:`gather_full_model` cannot gather
-    (DeepSpeed ZeRO, Lightning's ModelParallelStrategy / FSDP2); ``what`` names the caller."""
+    (DeepSpeed ZeRO); ``what`` names the caller."""
     name = type(strategy).__name__
-    if "DeepSpeed" in name or "ModelParallel" in name:
+    if "DeepSpeed" in name:
         raise ValueError(
-            f"{what} needs the whole model on rank zero and cannot gather it under {name} (only FSDP is "
-            "supported); use DDP or DecoderLayerFSDPStrategy, or evaluate/export a checkpoint after training"
+            f"{what} needs the whole model on rank zero and cannot gather it under {name} (FSDP and FSDP2 are "
+            "supported); use DDP, DecoderLayerFSDPStrategy or FSDP2Strategy, or evaluate/export a checkpoint after training"
         )
 
 
-def _fsdp_root(strategy: Any) -> Optional[nn.Module]:
-    """The FSDP-wrapped root module of ``strategy``, or None when the model is not wrapped by FSDP."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _sharded_root(strategy: Any) -> Optional[nn.Module]:
+    """The root module of ``strategy`` when FSDP1 (``FullyShardedDataParallel``) or FSDP2
+    (``fully_shard``) shards it, else None."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     root = getattr(strategy, "model", None)
-    if root is None or not any(isinstance(m, FullyShardedDataParallel) for m in root.modules()):
+    if root is None or not any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in root.modules()):
         return None
     return root
+
+
+def _offload(strategy: Any, root: nn.Module) -> bool:
+    """``cpu_offload`` for the full state dict: True, except for FSDP1 on a CPU device (gloo runs,
+    tests). There torch's FSDP1 (2.13) "offloads" the gathered CPU weights without a copy, frees them
+    and then clones them: a segfault. Without offload every rank assembles the full weights (rank
+    zero keeps them); on a CPU, where nothing needs to leave an accelerator, that is the only cost."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in root.modules())
+    return not (fsdp1 and torch.device(strategy.root_device).type == "cpu")
 
 
 def _meta_structure(model: nn.Module) -> nn.Module:
@@ -81,25 +98,16 @@ def _meta_structure(model: nn.Module) -> nn.Module:
         config = getattr(model, "config", None)
         if config is None:
             raise ValueError(f"gather_full_model: {type(model).__name__} has no Hugging Face config to rebuild it from")
-        return type(model)(config)
+        return _unsharded_class(model)(config)
 
 
-def _own_tensors(unit: nn.Module, prefix: str) -> Iterator[Tuple[str, Tensor, bool]]:
-    """``(name in the root, tensor, is_parameter)`` of the parameters and buffers that the FSDP unit
-    ``unit`` (at ``prefix`` in the root) holds itself, i.e. not those of the FSDP units nested in it."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _unsharded_class(model: nn.Module) -> type:
+    """The model's own class: ``fully_shard`` (FSDP2) swaps a module's class for a subclass
+    (``FSDPLlamaForCausalLM``), which a copy must not be (its ``save_pretrained`` would write that
+    name into ``config.json``'s architectures)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    pending = [(prefix, unit)]
-    while pending:
-        path, module = pending.pop()
-        for name, param in module.named_parameters(recurse=False):
-            if name != _FLAT_PARAM:
-                yield path + name, param, True
-        for name, buffer in module.named_buffers(recurse=False):
-            yield path + name, buffer, False
-        for name, child in module.named_children():
-            if not isinstance(child, FullyShardedDataParallel):
-                pending.append((f"{path}{name}.", child))
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
 class _Filler:
@@ -110,16 +118,21 @@ class _Filler:
         self.clone, self.device, self.dtype = clone, device, dtype
         self.made: Dict[int, Tensor] = {}  # id of the meta placeholder -> its replacement
 
-    def put(self, name: str, source: Tensor, is_parameter: bool) -> None:
+    def put(self, name: str, source: Tensor, only_if_missing: bool = False) -> None:
+        """Put ``source`` at ``name`` (a parameter or buffer of the copy); with ``only_if_missing``,
+        only where the copy still holds a meta placeholder."""
         owner_path, _, attr = name.rpartition(".")
         try:
             owner = self.clone.get_submodule(owner_path)
         except AttributeError as error:
             raise ValueError(f"gather_full_model: the gathered {name!r} has no place in a rebuilt {type(self.clone).__name__}") from error
+        is_parameter = attr in owner._parameters
         table = owner._parameters if is_parameter else owner._buffers
         if attr not in table:
             raise ValueError(f"gather_full_model: the gathered {name!r} has no place in a rebuilt {type(self.clone).__name__}")
         placeholder = table[attr]
+        if only_if_missing and not (placeholder is not None and placeholder.is_meta and id(placeholder) not in self.made):
+            return
         if placeholder is None or id(placeholder) not in self.made:
             dtype = self.dtype if self.dtype is not None and source.is_floating_point() else source.dtype
             data = source.detach().to(self.device, dtype, copy=True)
@@ -156,12 +169,14 @@ def gather_full_model(
     """The whole ``model`` on rank zero, ``None`` on the other ranks. Call it on EVERY rank (under FSDP
     it runs collectives; a rank that skips it leaves the others waiting).
 
-    - FSDP (Lightning's ``FSDPStrategy`` and :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy`): rank
+    - FSDP1 (Lightning's ``FSDPStrategy`` and :class:`~eaft_pl.training.strategies.DecoderLayerFSDPStrategy`)
+      and FSDP2 (``ModelParallelStrategy`` / :class:`~eaft_pl.training.fsdp2.FSDP2Strategy`): rank
       zero gets a new model of the same classes (PEFT wrapper and adapters included) holding the full
-      current weights, in eval mode; the training model is not touched. Drop the copy when done.
+      current weights, gathered by ``get_model_state_dict(StateDictOptions(full_state_dict=True,
+      cpu_offload=True))``, in eval mode; the training model is not touched. Drop the copy when done.
     - Unsharded strategies (single device, DDP): the model itself on rank zero; no copy, ``device`` and
       ``dtype`` are ignored.
-    - DeepSpeed and ModelParallel: a ``ValueError`` (see :func:`refuse_unsupported_sharding`).
+    - DeepSpeed: a ``ValueError`` (see :func:`refuse_unsupported_sharding`).
 
     Call it outside the training step (a callback hook such as ``on_train_start``,
     ``on_train_batch_end`` or ``on_train_end``): FSDP refuses to gather during forward or backward.
@@ -175,25 +190,25 @@ def gather_full_model(
             ``torch.bfloat16`` halves the copy of a model trained in fp32).
     """
     refuse_unsupported_sharding(strategy, "gather_full_model")
-    root = _fsdp_root(strategy)
+    root = _sharded_root(strategy)
     if root is None:
         return model if strategy.is_global_zero else None
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     prefix = _prefix_of(root, model)
-    zero = strategy.is_global_zero
-    filler = _Filler(_meta_structure(model), torch.device(device or strategy.root_device), dtype) if zero else None
-    units: List[Tuple[str, nn.Module]] = [(n, m) for n, m in root.named_modules() if isinstance(m, FullyShardedDataParallel)]
-    with torch.no_grad():
-        for unit_name, unit in units:  # the same units in the same order on every rank: matching collectives
-            with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
-                if filler is None:
-                    continue
-                for name, tensor, is_parameter in _own_tensors(unit, unit_name + "." if unit_name else ""):
-                    name = unwrapped_name(name)
-                    if name.startswith(prefix):
-                        filler.put(name[len(prefix) :], tensor, is_parameter)
-    if filler is None:
+    # Every rank: collectives, one weight at a time. cpu_offload: rank zero alone keeps the full
+    # tensors, on the CPU; the other ranks get an empty mapping.
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=_offload(strategy, root)))
+    if not strategy.is_global_zero:
         return None
+    filler = _Filler(_meta_structure(model), torch.device(device or strategy.root_device), dtype)
+    with torch.no_grad():
+        while state:  # each full tensor dropped once copied: one model's worth of memory at a time
+            name, tensor = state.popitem()
+            name = unwrapped_name(name)
+            if name.startswith(prefix):
+                filler.put(name[len(prefix) :], tensor)
+        for name, buffer in model.named_buffers(remove_duplicate=False):  # those the state dict leaves out
+            filler.put(unwrapped_name(name), buffer, only_if_missing=True)
     filler.check_complete()
     return filler.clone.eval()
