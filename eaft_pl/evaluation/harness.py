@@ -108,7 +108,7 @@ class LMEvalCallback(PeriodicEvaluation):
     Evaluation runs on rank zero while the other ranks wait at a barrier (raise DDP's process-group
     timeout for long suites). Under FSDP every rank first helps gather the whole model into a copy
     on rank zero's device (:func:`eaft_pl.training.sharded.gather_full_model`), which lm-eval then scores;
-    DeepSpeed and ModelParallel are refused. The
+    FSDP2 gathers the same way; DeepSpeed is refused. The
     model is given back in the train/eval mode each submodule had, the training tokenizer is left
     untouched (HFLM works on a copy), and the random state of Python, NumPy and torch is restored
     after lm-eval seeds it, so training goes on as it would have without the evaluation.

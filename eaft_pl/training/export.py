@@ -138,7 +138,7 @@ class SaveHFModel(pl.Callback):
         return os.path.join(trainer.default_root_dir, "hf")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Refused before training rather than after it: DeepSpeed / ModelParallel shards cannot be
+        # Refused before training rather than after it: DeepSpeed ZeRO shards cannot be
         # gathered into the folder (export the Lightning checkpoint with `eaft-pl export` instead).
         if stage == "fit":
             refuse_unsupported_sharding(trainer.strategy, "SaveHFModel")
