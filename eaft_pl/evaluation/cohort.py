@@ -27,7 +27,7 @@ from eaft_pl.analysis.statistics import quantile_threshold
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
 from eaft_pl.training.lora import AdapterDisabled
 from eaft_pl.loss.conflict import confident_conflict_mask
-from eaft_pl.data.chat import batch_to
+from eaft_pl.data.chat import batch_to, collate
 from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding
 
 __all__ = ["tied_quantile_threshold", "CohortThresholds", "cohort_means", "ConflictCohortCallback"]
@@ -251,8 +251,6 @@ class ConflictCohortCallback(PeriodicEvaluation):
                 f"ConflictCohortCallback: training resumes at step {trainer.global_step}, so the cohorts are fixed "
                 "from the checkpoint, not from the base model"
             )
-        from eaft_pl.data.chat import collate
-
         datamodule = trainer.datamodule
         examples = self._sample(datamodule)
         pad = partial(collate, pad_token_id=datamodule.pad_token_id)

@@ -14,6 +14,9 @@ import string
 import sys
 from typing import Any, Optional
 
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
 __all__ = ["CHATML_TEMPLATE", "SPECIAL_TOKENS", "build_char_tokenizer"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -29,9 +32,6 @@ CHATML_TEMPLATE = (
 
 def build_char_tokenizer(chat_template: Optional[str] = CHATML_TEMPLATE) -> Any:
     """Return a ``PreTrainedTokenizerFast`` over the printable ASCII characters and ChatML tokens."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in chars:

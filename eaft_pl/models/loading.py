@@ -9,14 +9,13 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 __all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm", "enable_gradient_checkpointing"]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """``AutoTokenizer.from_pretrained`` with remote code off unless asked for."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
@@ -33,8 +32,6 @@ def load_causal_lm(
     name_or_path: str, torch_dtype: Optional[str] = None, trust_remote_code: bool = False, attn_implementation: Optional[str] = None
 ) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default."""
-    from transformers import AutoModelForCausalLM
-
     kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = _dtype(torch_dtype) if torch_dtype != "auto" else "auto"
@@ -48,8 +45,6 @@ def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: 
 
     Token ids the config leaves out (vocabulary size, pad/bos/eos) are taken from ``tokenizer``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = dict(config)
     if "model_type" not in config:
         raise ValueError("model.init_args.model_config needs a 'model_type' (e.g. llama, qwen2)")

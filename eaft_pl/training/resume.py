@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mlflow import MlflowClient
 
 from eaft_pl.tracking import mlflow_loggers
 
@@ -132,8 +133,6 @@ def continue_mlflow_run(trainer: pl.Trainer, ckpt_path: Optional[str]) -> Option
     loggers = [lg for lg in mlflow_loggers(trainer) if not lg._initialized]  # no run created yet
     if not ckpt_path or ckpt_path in ("best", "hpc") or not loggers:
         return None
-    from mlflow import MlflowClient
-
     # MLFlowLogger creates its run on first use; until then only its constructor arguments exist.
     client = MlflowClient(loggers[0]._tracking_uri)
     run_id = _resume_run_id(trainer, str(ckpt_path), client, loggers[0]._experiment_name)

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.data.chat import Conversation
+from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
 from eaft_pl.experiments.toyworld.world import ToyWorld, WorldConfig, save_world_tokenizer
 
 __all__ = ["ToyWorldDataModule"]
@@ -88,8 +89,6 @@ class ToyWorldDataModule(ChatDataModule):
 
     def evaluation_suites(self) -> Dict[str, List[Any]]:
         """``{suite: [task, ...]}`` for :class:`~eaft_pl.evaluation.ForgettingCallback`."""
-        from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
-
         suites: Dict[str, List[Any]] = {}
         for name, spec in self.world.eval_items().items():
             tasks = suites.setdefault(spec["suite"], [])

@@ -28,6 +28,9 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Tuple
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from eaft_pl.data.chat import Conversation
 
 __all__ = ["WorldConfig", "ToyWorld", "build_word_tokenizer", "TEMPLATE"]
@@ -239,9 +242,6 @@ class ToyWorld:
 
 def build_word_tokenizer(vocabulary: List[str]) -> Any:
     """A ``PreTrainedTokenizerFast`` with one token per word of ``vocabulary`` and the ChatML template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(vocabulary)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
