@@ -80,8 +80,10 @@ test: $(STAMP)
 
 # The documentation site (mkdocs.yml, docs/) into site/. --strict turns a broken link, a page missing from
 # the nav or a docstring mkdocstrings cannot render into a failure.
+# NO_MKDOCS_2_WARNING: Material prints a banner about its successor on every build, which nobody here
+# can act on.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --quiet --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) outputs mlruns

@@ -120,3 +120,18 @@ def test_readme_loss_example_runs(capsys):
     loss = namespace["loss"]
     assert loss.ndim == 0 and bool(loss.isfinite())
     assert namespace["logits"].grad is not None  # the example's backward reached the logits
+
+
+def test_the_architecture_table_follows_the_layering_contract():
+    # docs/architecture.md's layer table lists the folders top to bottom as pyproject.toml's layers
+    # contract does, so the picture and the contract that CI checks cannot drift apart.
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    text = (DOCS / "architecture.md").read_text()
+    section = text.split("| layer (top to bottom) |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in section.splitlines()[2:] if line.startswith("| ")]
+    documented = [re.findall(r"`([a-z_]+)(?:/|\.py)`", row.split(" | ")[0]) for row in rows]
+    want = [[name.strip() for name in layer.split("|")] for layer in layers]
+    assert documented == want
