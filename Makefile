@@ -83,7 +83,7 @@ test: $(STAMP)
 # NO_MKDOCS_2_WARNING: Material prints a banner about its successor on every build, which nobody here
 # can act on.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --quiet --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) outputs mlruns
