@@ -35,7 +35,7 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/sft.yaml
 	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/eaft.yaml
-	$(BIN)/python scripts/show_runs.py --experiment quickstart --limit 2
+	$(BIN)/eaft-pl runs --experiment quickstart --limit 2
 
 # The README's figures, from real runs: 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded
 # experiment (bases cached in outputs/toyworld) in their own MLflow store, the base analysed on the
