@@ -1,7 +1,10 @@
-"""Loading tokenizers and causal LMs from a local folder or a hub id, or building one from a config.
+"""Loading tokenizers and causal LMs from a local folder, a hub id, a GGUF file or the short name of an
+installed model package, or building one from a config.
 
 Nothing here downloads unless the user names a hub id and the machine is online; with
-``HF_HUB_OFFLINE=1`` a missing model fails at once with the library's own message.
+``HF_HUB_OFFLINE=1`` a missing model fails at once with the library's own message. GGUF files and
+short names go through :func:`eaft_pl.models.gguf.resolve_model_path`: converted once into a cached
+Hugging Face folder, which is what every load reads.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from typing import Any, Dict, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from eaft_pl.models.gguf import resolve_model_path
+
 __all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm", "enable_gradient_checkpointing"]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` with remote code off unless asked for."""
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    """``AutoTokenizer.from_pretrained`` with remote code off unless asked for. A GGUF file or a model
+    package's short name loads from its converted folder (:func:`~eaft_pl.models.gguf.resolve_model_path`)."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -31,13 +37,15 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
 def load_causal_lm(
     name_or_path: str, torch_dtype: Optional[str] = None, trust_remote_code: bool = False, attn_implementation: Optional[str] = None
 ) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default."""
+    """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default. A
+    GGUF file or a model package's short name loads from its converted, float32 folder
+    (:func:`~eaft_pl.models.gguf.resolve_model_path`)."""
     kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = _dtype(torch_dtype) if torch_dtype != "auto" else "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
 def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: Optional[str] = None) -> Any:
