@@ -280,3 +280,23 @@ def test_a_folder_finished_meanwhile_by_another_process_wins(tmp_path):
     assert atomic_directory(target, slow_writer, replace=False) == target
     assert [p.name for p in target.iterdir()] == ["theirs"]
     assert [p.name for p in target.parent.iterdir()] == ["abc"]  # our temporary folder is gone
+
+
+@needs_gguf
+def test_a_gguf_without_chat_template_needs_one_in_the_data_config(cache, monkeypatch, tmp_path):
+    from eaft_pl.data import ChatJsonlDataModule
+    from eaft_pl.data.chat import DataError
+    from eaft_pl.models.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+
+    # what a pretrained model's GGUF (gemma3-270m) converts to: a tokenizer without a template
+    monkeypatch.setattr(gg, "convert_gguf", lambda path, out: build_char_tokenizer(chat_template=None).save_pretrained(out))
+    source = write_tiny_gguf(tmp_path / "pretrained.gguf")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    dm = ChatJsonlDataModule(train_file=str(train), tokenizer_name_or_path=str(source))
+    with pytest.raises(DataError, match="pretrained.gguf' has no chat template.*data.init_args.chat_template"):
+        dm.setup("fit")
+    dm = ChatJsonlDataModule(train_file=str(train), tokenizer_name_or_path=str(source), chat_template=CHATML_TEMPLATE)
+    dm.setup("fit")
+    (example,) = dm.datasets["train"]
+    assert dm.tokenizer.decode([t for t in example.labels if t != -100]) == "yo<|im_end|>\n"
