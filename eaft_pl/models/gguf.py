@@ -1,8 +1,8 @@
 """Real pretrained models from GGUF files: a GGUF path or the short name of an installed model
 package becomes a plain Hugging Face folder, converted once and cached.
 
-Every loader of the package (:func:`eaft_pl.models.loading.load_tokenizer`,
-:func:`eaft_pl.models.loading.load_causal_lm`) passes its name through :func:`resolve_model_path`,
+Every loader of the package (`eaft_pl.models.loading.load_tokenizer`,
+`eaft_pl.models.loading.load_causal_lm`) passes its name through `resolve_model_path`,
 so ``model_name_or_path``, ``tokenizer_name_or_path``, ``analyze``, ``export`` and the reference pass
 all see the same folder. The folder is keyed by the GGUF file's SHA-256: another file (or the same
 name with other bytes) gets another folder, and the same bytes under another path reuse it.
@@ -285,9 +285,9 @@ def _convert_into(path: Path, sha256: str, folder: Path, info: Dict[str, Any]) -
 def resolve_model_path(name_or_path: str) -> str:
     """The Hugging Face folder (or hub id) to load for ``name_or_path``.
 
-    A short name of an installed model package (see :data:`PACKAGED_MODELS`) or a path to a
+    A short name of an installed model package (see `PACKAGED_MODELS`) or a path to a
     ``.gguf`` file is converted, the first time, into ``<cache root>/<sha256 of the file>`` (see
-    :func:`model_cache_root`) and that folder is returned; every later call returns the cached
+    `model_cache_root`) and that folder is returned; every later call returns the cached
     folder without converting. Anything else is returned unchanged.
 
     Raises:
