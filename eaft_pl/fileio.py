@@ -44,6 +44,11 @@ def atomic_directory(path: Path, write: Callable[[Path], Any], replace: bool = T
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         write(tmp)
+        # mkdtemp makes the folder private (0700); give it the mode a plain mkdir would have, so that a
+        # shared cache or an exported model is readable by whoever may read its parent.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         if replace:
             shutil.rmtree(path, ignore_errors=True)
         try:

@@ -300,3 +300,11 @@ def test_a_gguf_without_chat_template_needs_one_in_the_data_config(cache, monkey
     dm.setup("fit")
     (example,) = dm.datasets["train"]
     assert dm.tokenizer.decode([t for t in example.labels if t != -100]) == "yo<|im_end|>\n"
+
+
+def test_a_finished_folder_has_the_mode_of_a_plain_mkdir(tmp_path):
+    from eaft_pl.fileio import atomic_directory
+
+    (tmp_path / "plain").mkdir()
+    done = atomic_directory(tmp_path / "atomic", lambda tmp: (tmp / "f").write_text(""))
+    assert done.stat().st_mode == (tmp_path / "plain").stat().st_mode
