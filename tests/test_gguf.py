@@ -111,7 +111,7 @@ def test_other_bytes_get_another_folder(cache, tiny_converter, tmp_path):
     os.utime(source, ns=(1, 1))  # even if the size and an old mtime could have matched a memo
     second = gg.resolve_model_path(str(source))
     assert first != second and len(tiny_converter) == 2
-    assert sorted(p.name for p in cache.iterdir()) == sorted([os.path.basename(first), os.path.basename(second)])
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted([os.path.basename(first), os.path.basename(second)])
 
 
 @needs_gguf
@@ -125,7 +125,7 @@ def test_a_failed_conversion_leaves_no_folder(cache, monkeypatch, tmp_path, tiny
     monkeypatch.setattr(gg, "convert_gguf", half_then_fail)
     with pytest.raises(gg.GGUFError, match="tiny.gguf.*killed halfway"):
         gg.resolve_model_path(str(source))
-    assert list(cache.iterdir()) == []  # neither the folder nor its temporary
+    assert [p for p in cache.iterdir() if p.is_dir()] == []  # neither the folder nor its temporary
     monkeypatch.setattr(gg, "convert_gguf", lambda p, o: tiny_converter.append(p) or (o / "ok").write_text(""))
     assert (cache / gg.resolve_model_path(str(source)) / "ok").is_file()
 
@@ -158,7 +158,7 @@ def test_a_corrupt_file_is_named_with_what_to_do(cache, tiny_converter, tmp_path
     source.write_bytes(data[:-20] if damage == "truncated" else b"PK\x03\x04" + data[4:])
     with pytest.raises(gg.GGUFError, match=r"tiny\.gguf.*(corrupt or truncated|not a GGUF file).*intact copy"):
         gg.resolve_model_path(str(source))
-    assert tiny_converter == [] and not (cache.exists() and any(cache.iterdir()))
+    assert tiny_converter == [] and not (cache.exists() and any(p.is_dir() for p in cache.iterdir()))
 
 
 @needs_gguf
@@ -308,3 +308,31 @@ def test_a_finished_folder_has_the_mode_of_a_plain_mkdir(tmp_path):
     (tmp_path / "plain").mkdir()
     done = atomic_directory(tmp_path / "atomic", lambda tmp: (tmp / "f").write_text(""))
     assert done.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+@needs_gguf
+def test_processes_converting_the_same_file_at_once_convert_it_once(cache, tmp_path):
+    import subprocess
+    import sys
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    log = tmp_path / "conversions.log"
+    # each process's converter appends to a log and takes a second; the processes start resolving
+    # together (a barrier of files), so without the lock each would find no folder and convert
+    script = (
+        "import os, sys, time; from pathlib import Path; from eaft_pl.models import gguf as gg\n"
+        "def convert(path, out):\n"
+        f"    with open({str(log)!r}, 'a') as f: f.write('x')\n"
+        "    time.sleep(1); (Path(out) / 'weights').write_text('')\n"
+        "gg.convert_gguf = convert\n"
+        f"ready = Path({str(tmp_path / 'ready')!r}); ready.mkdir(exist_ok=True); (ready / str(os.getpid())).touch()\n"
+        "while len(list(ready.iterdir())) < 3: time.sleep(0.01)\n"
+        "print(gg.resolve_model_path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(source)], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
+    folders = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert folders == {str(cache / hashlib.sha256(source.read_bytes()).hexdigest())}
+    assert log.read_text() == "x"

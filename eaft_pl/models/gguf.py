@@ -15,6 +15,7 @@ into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -25,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -301,8 +302,33 @@ def resolve_model_path(name_or_path: str) -> str:
         raise GGUFError(f"GGUF file {name!r} does not exist (model_name_or_path / tokenizer_name_or_path)")
     sha256 = gguf_sha256(path)
     folder = model_cache_root() / sha256
-    if (folder / MARKER).is_file():
-        return str(folder)
+    if not (folder / MARKER).is_file():
+        with _exclusive(model_cache_root() / f".{sha256}.lock"):
+            if not (folder / MARKER).is_file():  # another process may have converted it while this one waited
+                _check_and_convert(path, sha256, folder)
+    return str(folder)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on ``lock_path``: the ranks of a multi-process run that start on a
+    cold cache wait for the first one's conversion instead of each de-quantising the model again. The
+    lock file stays (deleting it while another process waits on it would let a third one in)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        try:
+            import fcntl  # POSIX only: elsewhere the atomic rename alone keeps the cache consistent
+        except ImportError:
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_and_convert(path: Path, sha256: str, folder: Path) -> None:
     info = check_gguf_file(path)
     if not info["chat_template"]:
         log.warning(
@@ -316,4 +342,3 @@ def resolve_model_path(name_or_path: str) -> str:
         raise
     except Exception as err:
         raise GGUFError(f"converting the GGUF file {str(path)!r} failed ({type(err).__name__}: {err}); {_reinstall_hint(path)}") from err
-    return str(folder)
