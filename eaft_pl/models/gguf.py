@@ -16,6 +16,7 @@ into place when complete.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import importlib.metadata
@@ -41,6 +42,7 @@ __all__ = [
     "MARKER",
     "model_cache_root",
     "is_gguf_source",
+    "unknown_name_hint",
     "find_packaged_gguf",
     "gguf_sha256",
     "check_gguf_file",
@@ -169,11 +171,24 @@ def find_packaged_gguf(name: str) -> Path:
     try:
         importlib.metadata.distribution(model.distribution)
         return model.locate(model.module)
-    except (importlib.metadata.PackageNotFoundError, ImportError, FileNotFoundError) as err:
+    except (importlib.metadata.PackageNotFoundError, ImportError, FileNotFoundError, ValueError) as err:
+        # ValueError: the Gemma package found a chunk whose SHA-256 is wrong
         raise GGUFError(
             f"the model {name!r} ({model.description}) needs the package {model.distribution!r}, which is not "
-            f"installed or incomplete ({err}); install it with: {model.install} (or make real-models)"
+            f"installed or incomplete ({type(err).__name__}: {err}); install it with: {model.install} (add "
+            "--force-reinstall if it is installed; or make real-models)"
         ) from err
+
+
+def unknown_name_hint(name_or_path: str) -> Optional[str]:
+    """A sentence for a load that failed on a bare name (no folder by that name, no ``/``): the known
+    short names, the nearest first, since a mistyped short name is otherwise taken for a hub id.
+    None for anything that looks like a path or an ``org/name`` hub id."""
+    name = str(name_or_path)
+    if "/" in name or os.sep in name or Path(name).exists():
+        return None
+    near = difflib.get_close_matches(name, list(PACKAGED_MODELS), n=len(PACKAGED_MODELS), cutoff=0.0)
+    return f"{name!r} is no local folder and no known model short name; the short names are: {', '.join(near)}"
 
 
 _HASHES: Dict[Tuple[str, int, int], str] = {}

@@ -9,20 +9,32 @@ Hugging Face folder, which is what every load reads.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eaft_pl.models.gguf import resolve_model_path
+from eaft_pl.models.gguf import resolve_model_path, unknown_name_hint
 
 __all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm", "enable_gradient_checkpointing"]
+
+
+def _from_pretrained(load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
+    """``load(resolved folder or hub id, **kwargs)``; a bare name that fails to load gets the known
+    short names added to the error (a mistyped short name would otherwise read as a hub id)."""
+    try:
+        return load(resolve_model_path(name_or_path), **kwargs)
+    except OSError as err:
+        hint = unknown_name_hint(name_or_path)
+        if hint is None:
+            raise
+        raise OSError(f"{err}\n{hint}") from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """``AutoTokenizer.from_pretrained`` with remote code off unless asked for. A GGUF file or a model
     package's short name loads from its converted folder (:func:`~eaft_pl.models.gguf.resolve_model_path`)."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -45,7 +57,7 @@ def load_causal_lm(
         kwargs["dtype"] = _dtype(torch_dtype) if torch_dtype != "auto" else "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)
 
 
 def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: Optional[str] = None) -> Any:
