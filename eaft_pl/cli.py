@@ -186,7 +186,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
         parser_kwargs={
             "parser_mode": "omegaconf+",
             "description": "EAFT fine-tuning with Lightning. `eaft-pl analyze` reads the same configs as `fit`; "
-            "`eaft-pl compare --help` compares the runs of an MLflow experiment.",
+            "`eaft-pl compare --help` compares runs logged to MLflow, TensorBoard or CSV, and lm-eval results.",
         },
         trainer_defaults={
             "default_root_dir": "outputs",
@@ -201,7 +201,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
 
 def main() -> None:
     """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
-    if sys.argv[1:2] == ["compare"]:  # not a Trainer method: it reads MLflow runs, no model or data
+    if sys.argv[1:2] == ["compare"]:  # not a Trainer method: it reads logged runs, no model or data
         from eaft_pl.analysis.compare import main as compare_main
 
         compare_main(sys.argv[2:])
