@@ -40,7 +40,7 @@ from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, conflict_sh
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, token_statistics
 from eaft_pl.loss.conflict import confident_conflict_mask
-from eaft_pl.tracking import mlflow_loggers, run_tags
+from eaft_pl.tracking import log_files, mlflow_loggers, run_tags, set_tags
 
 __all__ = ["run_analysis", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
 
@@ -285,7 +285,8 @@ def _cell(text: str, width: int = 60) -> str:
 def run_analysis(trainer: Trainer, model: Any, datamodule: Any, **options: Any) -> Dict[str, Any]:
     """The ``analyze`` subcommand (its options are documented on :meth:`eaft_pl.cli.EAFTTrainer.analyze`):
     statistics of ``datamodule``'s ``split`` under ``model`` before training, printed, logged to the
-    trainer's MLflow loggers and written to ``output_dir``. The run ends FAILED if anything raises."""
+    trainer's loggers (MLflow artifacts, or files in a TensorBoard or CSV ``log_dir``) and written to
+    ``output_dir``. The run ends FAILED if anything raises."""
     quantile, max_examples = options["quantile"], options["max_examples"]
     if not 0 < quantile <= 1:
         raise ValueError(f"analyze: quantile must lie in (0, 1], got {quantile}")
@@ -407,12 +408,10 @@ def log_analysis(
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback):
                 callback.setup(trainer, model, "analyze")  # the config artifact, as `fit` logs it
-        for logger in mlflow_loggers(trainer):
-            client, run_id = logger.experiment, logger.run_id
-            for key, value in run_tags(model, datamodule, "analyze").items():
-                client.set_tag(run_id, key, value[:5000])
+        set_tags(trainer, run_tags(model, datamodule, "analyze"))
+        log_files(trainer, folder, "analyze")
+        for logger in trainer.loggers:
             logger.log_metrics(analysis_metrics(summary), step=0)
-            client.log_artifacts(run_id, str(folder), "analyze")
             logger.finalize("success")
 
 

@@ -10,6 +10,7 @@ import torch
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
+from eaft_pl.tracking import log_json
 from eaft_pl.training.sharded import gather_full_model
 
 __all__ = ["ForgettingCallback", "suite_averages", "forgetting"]
@@ -50,9 +51,9 @@ class ForgettingCallback(PeriodicEvaluation):
       every suite except the domain suites;
     - ``gain/<suite>/<metric>``: current minus base, for the domain suites.
 
-    The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` on
-    the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait. Under
-    FSDP every rank first helps gather the full weights into a copy on rank zero's device
+    The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` (on
+    the MLflow run, or in the ``log_dir`` of TensorBoard and CSV loggers) and kept in
+    :attr:`history`. Evaluation runs on rank zero; the others wait. Under FSDP every rank first helps gather the full weights into a copy on rank zero's device
     (:func:`eaft_pl.training.sharded.gather_full_model`: rank zero then holds the whole model once more while
     it evaluates); DeepSpeed and ModelParallel are refused.
 
@@ -121,8 +122,4 @@ class ForgettingCallback(PeriodicEvaluation):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            for logger in trainer.loggers:
-                if isinstance(logger, MLFlowLogger):
-                    logger.experiment.log_dict(logger.run_id, {"history": self.history}, "forgetting/scores.json")
+            log_json(trainer, {"history": self.history}, "forgetting/scores.json")

@@ -8,7 +8,6 @@ only when the callback is built: ``eaft_pl`` imports without it.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from importlib.metadata import version
@@ -22,7 +21,7 @@ from eaft_pl.evaluation.forgetting import forgetting
 from eaft_pl.evaluation.harness_results import lower_is_better, primary_scores, safe_name, task_scores
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.training.sharded import gather_full_model
-from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.tracking import log_json, set_tags
 
 __all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "scores_record"]
 
@@ -99,8 +98,8 @@ class LMEvalCallback(PeriodicEvaluation):
       ``acc``, else lm-eval's first metric (IFEval: ``prompt_level_strict_acc``, GSM8K:
       ``exact_match_strict-match``); lower-is-better primaries are left out of the average.
 
-    On the MLflow run: ``lm_eval/<suite>/step_<step>.json`` (lm-eval's full results dict of each
-    evaluation, with task versions, n-shot, sample counts and task configs),
+    On the run (MLflow artifacts, or files in the ``log_dir`` of TensorBoard and CSV loggers):
+    ``lm_eval/<suite>/step_<step>.json`` (lm-eval's full results dict of each evaluation, with task versions, n-shot, sample counts and task configs),
     ``lm_eval/<suite>/config.json`` (the options, package versions and primary metrics, once),
     ``lm_eval/<suite>/samples_step_<step>.json`` with ``log_samples``, and the tag
     ``lm_eval_version``. Everything is also kept in :attr:`history`.
@@ -280,20 +279,15 @@ class LMEvalCallback(PeriodicEvaluation):
             logger.log_metrics(self.metrics(record), step=step)
         from lm_eval.utils import handle_non_serializable
 
-        def dump(obj: Any) -> str:
-            return json.dumps(obj, indent=2, default=handle_non_serializable)
-
         samples = results.pop("samples", None)
         folder = f"lm_eval/{self.suite}"
-        for logger in mlflow_loggers(trainer):
-            client, run_id = logger.experiment, logger.run_id
-            if len(self.history) == 1:
-                client.log_text(run_id, dump(self._config(results)), f"{folder}/config.json")
-                client.set_tag(run_id, "lm_eval_version", version("lm_eval"))
-            client.log_text(run_id, dump({"step": step, "seconds": record["seconds"], "results": results}),
-                            f"{folder}/step_{step:06d}.json")  # fmt: skip
-            if samples is not None:
-                client.log_text(run_id, dump(samples), f"{folder}/samples_step_{step:06d}.json")
+        if len(self.history) == 1:
+            log_json(trainer, self._config(results), f"{folder}/config.json", default=handle_non_serializable)
+            set_tags(trainer, {"lm_eval_version": version("lm_eval")})
+        step_record = {"step": step, "seconds": record["seconds"], "results": results}
+        log_json(trainer, step_record, f"{folder}/step_{step:06d}.json", default=handle_non_serializable)
+        if samples is not None:
+            log_json(trainer, samples, f"{folder}/samples_step_{step:06d}.json", default=handle_non_serializable)
 
     def _config(self, results: Dict[str, Any]) -> Dict[str, Any]:
         """What a rerun needs besides the model: options, package versions, task versions and n-shot."""
