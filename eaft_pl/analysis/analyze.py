@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, conflict_sh
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, token_statistics
 from eaft_pl.loss.conflict import confident_conflict_mask
+from eaft_pl.progress import progress as with_progress  # the functions below take a `progress` flag
 from eaft_pl.tracking import log_files, mlflow_loggers, run_tags, set_tags
 
 __all__ = ["run_analysis", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
@@ -74,14 +74,6 @@ class TokenTable:
     full_entropy: Optional[Tensor] = None
 
 
-def _progress(iterable: Any, desc: str, enabled: bool, total: int) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
-
-
 @torch.no_grad()
 def score_examples(
     module: Any,
@@ -100,7 +92,7 @@ def score_examples(
     parts: Dict[str, List[Tensor]] = {}
     top_k = module.hparams.top_k
     starts = range(0, len(examples), batch_size)
-    for start in _progress(starts, desc, progress, len(starts)):
+    for start in with_progress(starts, desc, progress, len(starts)):
         batch = batch_to(collate(examples[start : start + batch_size], pad), device)
         if forward_context is None:
             logits = module(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
@@ -161,7 +153,7 @@ def on_policy_examples(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out: List[EncodedExample] = []
     starts = range(0, len(examples), batch_size)
-    for start in _progress(starts, f"{mode} answers", progress, len(starts)):
+    for start in with_progress(starts, f"{mode} answers", progress, len(starts)):
         chunk = examples[start : start + batch_size]
         prompts = [ex.input_ids[: next(i for i, y in enumerate(ex.labels) if y != IGNORE_INDEX)] for ex in chunk]
         length = max(map(len, prompts))

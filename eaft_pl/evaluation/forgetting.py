@@ -10,6 +10,7 @@ import torch
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
+from eaft_pl.progress import progress, trainer_progress
 from eaft_pl.tracking import log_json
 from eaft_pl.training.sharded import gather_full_model
 
@@ -78,11 +79,11 @@ class ForgettingCallback(PeriodicEvaluation):
             return
         model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
         if model is not None:
+            pairs = [(suite, task) for suite, tasks in self._suites.items() for task in tasks]
+            scores: Scores = {suite: {} for suite in self._suites}
             with kept_modes(model), torch.no_grad():  # every submodule gets its own mode back
-                scores: Scores = {
-                    suite: {task.name: task.evaluate(model, pl_module.tokenizer, self.batch_size) for task in tasks}
-                    for suite, tasks in self._suites.items()
-                }
+                for suite, task in progress(pairs, f"forgetting (step {step})", trainer_progress(trainer), len(pairs)):
+                    scores[suite][task.name] = task.evaluate(model, pl_module.tokenizer, self.batch_size)
             del model  # the FSDP copy: free it before training goes on
             self.history.append({"step": step, "scores": scores})
             self._log(trainer, step, scores)
