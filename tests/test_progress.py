@@ -51,7 +51,6 @@ def test_progress_wraps_only_when_enabled():
     (Terminal(), [], True),
     (io.StringIO(), [], False),
     (Terminal(), ["--trainer.enable_progress_bar=false"], False),  # the toy-world driver's one-line display
-    (io.StringIO(), ["--trainer.enable_progress_bar=true"], True),
 ])  # fmt: skip
 def test_fit_shows_lightnings_bar_on_a_terminal_unless_told(stream, extra, shown, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ only when the callback is built: ``eaft_pl`` imports without it.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from importlib.metadata import version
@@ -20,10 +21,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from eaft_pl.evaluation.forgetting import forgetting
 from eaft_pl.evaluation.harness_results import lower_is_better, primary_scores, safe_name, task_scores
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
+from eaft_pl.progress import trainer_progress
 from eaft_pl.training.sharded import gather_full_model
 from eaft_pl.tracking import log_json, set_tags
 
-__all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "scores_record"]
+__all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "quiet_requests", "scores_record"]
 
 INSTALL_HINT = "pip install 'eaft-pl[lmeval]'"
 
@@ -44,6 +46,18 @@ def import_harness() -> Tuple[Any, Any, Any]:
             f"({err}); install them with: {INSTALL_HINT}"
         ) from err
     return simple_evaluate, HFLM, TaskManager
+
+
+#: The request types of lm-eval's model interface; HFLM draws a bar over each unless told not to.
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def quiet_requests(lm: Any) -> Any:
+    """Turn off the progress bars ``lm`` (an lm-eval ``HFLM``) draws over the requests it scores:
+    lm-eval's evaluator calls these methods without their ``disable_tqdm`` argument, so it is bound here."""
+    for name in REQUEST_TYPES:
+        setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+    return lm
 
 
 def scores_record(results: Dict[str, Any]) -> Dict[str, Any]:
@@ -215,15 +229,18 @@ class LMEvalCallback(PeriodicEvaluation):
             return {}
         return {key: self.seed for key in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
 
-    def run(self, model: torch.nn.Module, tokenizer: Any) -> Dict[str, Any]:
+    def run(self, model: torch.nn.Module, tokenizer: Any, progress_bar: bool = True) -> Dict[str, Any]:
         """lm-eval's results dict for ``model`` as it is now; the model keeps its modes, the tokenizer
-        and the global random state are left as they were."""
+        and the global random state are left as they were. ``progress_bar=False`` turns off lm-eval's
+        bars over the requests it scores (its short bar while it builds them stays)."""
         simple_evaluate, HFLM, _ = import_harness()
         task_manager = self.task_manager()
         with kept_modes(model), isolate_rng(), torch.no_grad():
             # HFLM sets the tokenizer's padding side per batch and may add a pad token: give it a copy.
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
                       max_length=self.max_length, **self.hflm_kwargs)  # fmt: skip
+            if not progress_bar:
+                quiet_requests(lm)
             return simple_evaluate(
                 lm,
                 tasks=list(self.tasks),
@@ -247,7 +264,7 @@ class LMEvalCallback(PeriodicEvaluation):
         model = gather_full_model(trainer.strategy, pl_module.model)
         if model is not None:
             start = time.perf_counter()
-            results = self.run(model, pl_module.tokenizer)
+            results = self.run(model, pl_module.tokenizer, progress_bar=trainer_progress(trainer))
             del model  # the FSDP copy: free it before training goes on
             record = {"step": step, "seconds": time.perf_counter() - start, **scores_record(results)}
             self.history.append(record)
