@@ -45,11 +45,11 @@ FIGURES_STORE := sqlite:///$(FIGURES)/mlflow.db
 figures: $(STAMP)
 	rm -rf $(FIGURES)
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 --methods sft eaft eaft2 --lrs 3e-4 1e-3 \
-		--tracking-uri $(FIGURES_STORE) --results $(FIGURES)/results.json
+		--tracking_uri $(FIGURES_STORE) --results $(FIGURES)/results.json
 	$(BIN)/eaft-pl analyze --config configs/setup/toy_finetune.yaml --config configs/method/eaft.yaml \
 		--trainer.logger.init_args.tracking_uri=$(FIGURES_STORE) --trainer.logger.init_args.run_name=analyze-base-seed0 \
 		--output_dir $(FIGURES)/analyze --progress_bar false
-	$(BIN)/eaft-pl compare --experiment toyworld --tracking-uri $(FIGURES_STORE) --out $(FIGURES)/compare
+	$(BIN)/eaft-pl compare --experiment toyworld --tracking_uri $(FIGURES_STORE) --out $(FIGURES)/compare
 	mkdir -p docs/img
 	cp $(FIGURES)/analyze/plane.png docs/img/toyworld_plane.png
 	cp $(FIGURES)/analyze/gradient.png docs/img/toyworld_gradient.png
@@ -63,14 +63,14 @@ gate-dynamics: $(STAMP)
 	rm -rf $(GATES) $(GATES)_lr3e-4 $(GATES)_lr3e-3
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 1e-3 \
 		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
-		--tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --results $(GATES)/sweep.json
+		--tracking_uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --results $(GATES)/sweep.json
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 3e-4 \
 		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
-		--tracking-uri sqlite:///$(CURDIR)/$(GATES)_lr3e-4/mlflow.db --results $(GATES)_lr3e-4/sweep.json
+		--tracking_uri sqlite:///$(CURDIR)/$(GATES)_lr3e-4/mlflow.db --results $(GATES)_lr3e-4/sweep.json
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --lrs 3e-3 \
 		--methods sft eaft static_mask sft_kl static_eaft eaft_static_mask flow asft \
-		--tracking-uri sqlite:///$(CURDIR)/$(GATES)_lr3e-3/mlflow.db --results $(GATES)_lr3e-3/sweep.json
-	$(BIN)/eaft-pl compare --experiment toyworld --tracking-uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --out $(GATES)/compare --no-log
+		--tracking_uri sqlite:///$(CURDIR)/$(GATES)_lr3e-3/mlflow.db --results $(GATES)_lr3e-3/sweep.json
+	$(BIN)/eaft-pl compare --experiment toyworld --tracking_uri sqlite:///$(CURDIR)/$(GATES)/mlflow.db --out $(GATES)/compare --no_log
 	mkdir -p docs/img
 	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
 	cp $(GATES)/compare/pareto.png docs/img/toyworld_pareto_reference.png

@@ -28,6 +28,7 @@ from eaft_pl.data.base import ChatDataModule
 from eaft_pl.evaluation.cohort import ConflictCohortCallback
 from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
 from eaft_pl.module import EAFTModule
+from eaft_pl.progress import interactive, trainer_progress
 from eaft_pl.tracking import DEFAULT_TRACKING_URI, MLflowSaveConfig, mlflow_loggers
 from eaft_pl.training.checkpoint_io import AtomicCheckpointIO
 from eaft_pl.training.export import export_hf_folder, load_module_checkpoint
@@ -80,7 +81,7 @@ class EAFTTrainer(Trainer):
         bins: int = 20,
         top: int = 20,
         output_dir: Optional[str] = None,
-        progress_bar: bool = True,
+        progress_bar: Optional[bool] = None,
     ) -> Dict[str, Any]:
         """Statistics of the training data under the model as configured (before training): confident
         conflicts, (p, H) heatmap, EAFT weight distribution, conflict tokens, on-policy contrast.
@@ -104,7 +105,8 @@ class EAFTTrainer(Trainer):
             bins: Histogram bins per axis of the (p, H) plane.
             top: Rows of the conflict-token and conversation tables.
             output_dir: Also write the artifacts to this folder.
-            progress_bar: Show progress bars on stderr.
+            progress_bar: Show progress bars on stderr (default: when stderr is a terminal and the
+                trainer's progress bar is on).
         """
         return run_analysis(
             self, model, datamodule,
@@ -122,7 +124,7 @@ class EAFTTrainer(Trainer):
             bins=bins,
             top=top,
             output_dir=output_dir,
-            progress_bar=progress_bar,
+            progress_bar=trainer_progress(self) if progress_bar is None else progress_bar,
         )
 
 
@@ -187,10 +189,14 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
         parser_kwargs={
             "parser_mode": "omegaconf+",
             "description": "EAFT fine-tuning with Lightning. `eaft-pl analyze` reads the same configs as `fit`; "
-            "`eaft-pl compare --help` compares the runs of an MLflow experiment; `eaft-pl runs --help` lists them.",
+            "`eaft-pl compare --help` compares runs logged to MLflow, TensorBoard or CSV, and lm-eval results; "
+            "`eaft-pl runs --help` lists an MLflow experiment's runs.",
         },
         trainer_defaults={
             "default_root_dir": "outputs",
+            # A progress bar for a person at a terminal; none in logs and pipes, where its redraws are
+            # noise. A config file or --trainer.enable_progress_bar still decides.
+            "enable_progress_bar": interactive(),
             "logger": lazy_instance(MLFlowLogger, experiment_name="eaft-pl", tracking_uri=DEFAULT_TRACKING_URI),
             # Checkpoints written to a temporary file and renamed: never a truncated last.ckpt.
             "plugins": lazy_instance(AtomicCheckpointIO),

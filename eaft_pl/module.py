@@ -21,6 +21,7 @@ from eaft_pl.loss.metrics import TokenStatsMetric
 from eaft_pl.loss.reference_gates import FLOWGate
 from eaft_pl.loss.stats import TokenStats
 from eaft_pl.models.loading import build_causal_lm, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from eaft_pl.progress import trainer_progress
 from eaft_pl.reference import ReferenceTable, frozen_copy, frozen_reference, reference_for_datamodule, token_kl
 from eaft_pl.training.adapter_checkpoints import ADAPTER_ONLY_KEY, drop_frozen_base, restore_frozen_base
 from eaft_pl.training.fsdp2 import loads_checkpoints_itself, shard_with_fsdp2
@@ -305,7 +306,8 @@ class EAFTModule(pl.LightningModule):
             return
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         table, path, hit = reference_for_datamodule(
-            self.model, self.tokenizer, datamodule, hp.top_k, hp.reference_cache_dir, owner=self.gate.name
+            self.model, self.tokenizer, datamodule, hp.top_k, hp.reference_cache_dir, owner=self.gate.name,
+            progress_bar=trainer_progress(self._trainer),
         )
         self.reference_table, self.reference_cache_hit = table, hit
         self.reference_seconds = time.perf_counter() - start

@@ -38,6 +38,7 @@ from eaft_pl.data.chat import batch_to, collate
 from eaft_pl.data.packing import sequence_ids, sequence_spans
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats, token_statistics
+from eaft_pl.progress import progress
 
 __all__ = [
     "REFERENCE_FIELDS",
@@ -215,7 +216,7 @@ def compute_reference_table(
     top_k: int,
     collate_fn: Any,
     batch_size: int = 32,
-    progress: Optional[Any] = None,
+    progress_bar: bool = False,
 ) -> ReferenceTable:
     """One no-grad pass of ``model`` (in eval mode, restored after) over every example of ``splits``.
 
@@ -225,7 +226,7 @@ def compute_reference_table(
         top_k: K of the top-K entropy.
         collate_fn: Turns a list of examples into a batch dict (``input_ids``, ``attention_mask``, ``labels``).
         batch_size: Examples per forward pass.
-        progress: Optional callable receiving a message per split.
+        progress_bar: Draw a progress bar per split on stderr (see :func:`eaft_pl.progress.trainer_progress`).
     """
     start = time.perf_counter()
     table = ReferenceTable(top_k=top_k)
@@ -236,9 +237,8 @@ def compute_reference_table(
         with torch.no_grad():
             for split in sorted(splits):
                 examples = list(splits[split])
-                if progress is not None:
-                    progress(f"reference pass: {split}, {len(examples)} examples")
-                for i in range(0, len(examples), batch_size):
+                starts = range(0, len(examples), batch_size)
+                for i in progress(starts, f"reference pass: {split}", progress_bar, len(starts)):
                     chunk = examples[i : i + batch_size]
                     batch = batch_to(collate_fn(chunk), device)
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -266,7 +266,7 @@ def load_or_compute_reference(
     collate_fn: Any,
     cache_dir: Optional[str],
     batch_size: int = 32,
-    progress: Optional[Any] = None,
+    progress_bar: bool = False,
 ) -> Tuple[ReferenceTable, Optional[Path], bool]:
     """The reference table of ``model`` on ``splits``, from ``<cache_dir>/<key>.pt`` when a file with
     the same key exists, else computed (and written when ``cache_dir`` is set).
@@ -283,7 +283,7 @@ def load_or_compute_reference(
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("version") == CACHE_VERSION:
                 return ReferenceTable.from_state(state), path, True
-    table = compute_reference_table(model, splits, top_k, collate_fn, batch_size, progress)
+    table = compute_reference_table(model, splits, top_k, collate_fn, batch_size, progress_bar)
     if path is not None:
         # Temporary file + rename: a concurrent reader (another rank) never sees half a file.
         atomic_write(path, lambda tmp: torch.save(table.state(), tmp))
@@ -291,7 +291,13 @@ def load_or_compute_reference(
 
 
 def reference_for_datamodule(
-    model: torch.nn.Module, tokenizer: Any, datamodule: Any, top_k: int, cache_dir: Optional[str], owner: str, progress: Optional[Any] = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    datamodule: Any,
+    top_k: int,
+    cache_dir: Optional[str],
+    owner: str,
+    progress_bar: bool = False,
 ) -> Tuple[ReferenceTable, Optional[Path], bool]:
     """:func:`load_or_compute_reference` over every encoded split of a ChatDataModule
     (``datamodule.datasets``), batched with its padding; ``owner`` names what needs the pass in the
@@ -310,7 +316,7 @@ def reference_for_datamodule(
         partial(collate, pad_token_id=datamodule.pad_token_id),
         cache_dir,
         batch_size=getattr(datamodule, "eval_batch_size", 32),
-        progress=progress,
+        progress_bar=progress_bar,
     )
 
 

@@ -3,13 +3,17 @@ final scores, means and standard deviations, the Markdown/CSV outputs, the Paret
 (`tests/test_toyworld.py` runs it on the runs the embedded experiment makes.)"""
 
 import csv
+import json
 import statistics
 
 import pytest
 from mlflow import MlflowClient
 
 from eaft_pl.fileio import atomic_write
-from eaft_pl.analysis.compare import RunScores, format_markdown, group_runs, load_runs, main, pareto_points
+from eaft_pl.analysis.compare import (
+    RunScores, Selection, format_markdown, group_runs, lm_eval_score, load_lm_eval_runs, load_runs, main, pareto_points,
+    read_lm_eval_results, read_metrics_csv,
+)
 from eaft_pl.analysis.plots import pareto_front
 
 # name -> {metric: [value at step 0, 10, 20]}; two seeds per method, the base identical per seed.
@@ -92,14 +96,14 @@ def test_grouping_by_tags_and_params(store):
     uri, _ = store
     table = group_runs(load_runs(MlflowClient(uri), "toy", group_by=["tags.method"]))
     assert [r["group"] for r in table["rows"]] == [{"method": "eaft"}, {"method": "sft"}]
-    with pytest.raises(ValueError, match="--group-by entries"):
+    with pytest.raises(ValueError, match="--group_by entries"):
         load_runs(MlflowClient(uri), "toy", group_by=["method"])
 
 
 def test_the_command_writes_and_logs_table_csv_and_plot(store, capsys):
     uri, tmp_path = store
     out = tmp_path / "cmp"
-    table = main(["--experiment", "toy", "--tracking-uri", uri, "--out", str(out)])
+    table = main(["--experiment", "toy", "--tracking_uri", uri, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| sft-lr0.001 | 2 |" in printed and "logged to MLflow run" in printed
     assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "compare.json", "pareto.png"}
@@ -122,7 +126,7 @@ def test_the_command_writes_and_logs_table_csv_and_plot(store, capsys):
 def test_errors_name_the_experiment_and_the_metrics_found(store, capsys):
     uri, _ = store
     with pytest.raises(SystemExit) as e:
-        main(["--experiment", "nope", "--tracking-uri", uri, "--no-log"])
+        main(["--experiment", "nope", "--tracking_uri", uri, "--no_log"])
     assert e.value.code == 2 and "no MLflow experiment named 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"val/general/<task>/acc.*found: val/domain/job/content"):
         load_runs(MlflowClient(uri), "toy", general_metric="acc")
@@ -153,7 +157,7 @@ def test_the_command_exits_with_the_missing_task(tmp_path, capsys):
             client.log_metric(run.info.run_id, key, 0.5, step=0)
         client.set_terminated(run.info.run_id)
     with pytest.raises(SystemExit) as e:
-        main(["--experiment", "gaps", "--tracking-uri", uri, "--no-log"])
+        main(["--experiment", "gaps", "--tracking_uri", uri, "--no_log"])
     assert e.value.code == 2 and "run 'sft-seed1'" in capsys.readouterr().err
 
 
@@ -176,7 +180,7 @@ def test_a_failed_artifact_upload_ends_the_compare_run_failed(store, monkeypatch
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
     with pytest.raises(OSError, match="disk full"):
-        main(["--experiment", "toy", "--tracking-uri", uri])
+        main(["--experiment", "toy", "--tracking_uri", uri])
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("toy")
     statuses = [r.info.status for r in client.search_runs([exp.experiment_id], filter_string="tags.stage = 'compare'")]
@@ -200,3 +204,105 @@ def test_atomic_write_replaces_whole_files_and_a_failed_write_keeps_the_old_one(
 def test_pareto_front_keeps_the_undominated_points():
     pts = [(1.0, 5.0), (2.0, 4.0), (1.5, 3.0), (2.0, 4.0), (0.5, 5.0), (3.0, 1.0), (float("nan"), 9.0)]
     assert sorted(set(pareto_front(pts))) == [(1.0, 5.0), (2.0, 4.0), (3.0, 1.0)]
+
+
+# ---- TensorBoard, CSV and lm-eval sources -----------------------------------------------------------
+
+# The same scores logged as LMEvalCallback names them (metric "acc"): base at step 0, final at step 20.
+LOGGED = {
+    "sft-seed0": {"val/domain/job/acc": [0.1, 0.9], "val/general/a/acc": [1.0, 0.2], "val/general/b/acc": [0.8, 0.0]},
+    "sft-seed1": {"val/domain/job/acc": [0.2, 1.0], "val/general/a/acc": [1.0, 0.4], "val/general/b/acc": [0.6, 0.2]},
+}
+
+
+def write_logs(logger, metrics, hparams):
+    """Log ``metrics`` at steps 0 and 20 through a Lightning logger, as a training run would."""
+    logger.log_hyperparams(hparams)
+    for index, step in enumerate((0, 20)):
+        logger.log_metrics({k: v[index] for k, v in metrics.items()}, step=step)
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)  # other metrics are ignored
+    logger.save()
+    logger.finalize("success")
+
+
+def lm_eval_file(path, scores, wrapped=False):
+    """An lm-eval results file: task -> {"<metric>,<filter>": value, stderr, alias}."""
+    results = {"results": {t: {"alias": t, "acc,none": v, "acc_stderr,none": 0.01} for t, v in scores.items()},
+               "versions": {t: 1 for t in scores}, "config": {"model": "hf"}}  # fmt: skip
+    if wrapped:  # as LMEvalCallback logs it: lm_eval/<suite>/step_<step>.json
+        results = {"step": 20, "seconds": 1.0, "results": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_compare_reads_tensorboard_csv_and_lm_eval_results_together(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    # sft-seed0 through TensorBoard, sft-seed1 through CSV; Lightning's <save_dir>/<name>/version_0 layout.
+    write_logs(TensorBoardLogger(tmp_path / "tb", name="sft-seed0"), LOGGED["sft-seed0"], {"learning_rate": 0.001})
+    write_logs(CSVLogger(tmp_path / "csv", name="sft-seed1"), LOGGED["sft-seed1"], {"learning_rate": 0.001})
+    # Two fine-tuned models scored by lm-eval (one file in lm-eval's own layout, one as the callback
+    # logs it), against the base model's file.
+    base = lm_eval_file(tmp_path / "lm" / "base" / "results_2026-01-01.json", {"job": 0.1, "a": 1.0, "b": 0.8})
+    first = lm_eval_file(tmp_path / "lm" / "eaft-seed0" / "results_2026-01-02.json", {"job": 0.8, "a": 0.7, "b": 0.5})
+    second = lm_eval_file(tmp_path / "lm" / "eaft-seed1.json", {"job": 0.6, "a": 0.9, "b": 0.7}, wrapped=True)
+    out = tmp_path / "cmp"
+    with pytest.warns(UserWarning, match="different base models"):  # the logs name no base model
+        table = main([
+            "--tensorboard", str(tmp_path / "tb"), "--csv", str(tmp_path / "csv"),
+            "--lm_eval", str(first), str(second), "--lm_eval_base", str(base),
+            "--lm_eval_domain_tasks", "job", "--lm_eval_general_tasks", "a", "b",
+            "--domain_metric", "acc", "--general_metric", "acc", "--out", str(out),
+        ])  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"table.md", "table.csv", "compare.json", "pareto.png"}
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["label"]: r for r in table["rows"]}
+    assert set(rows) == {"sft", "eaft"} and rows["sft"]["n"] == 2 and rows["eaft"]["n"] == 2
+    # By hand: sft's general average at step 20 is (0.2+0.0)/2 = 0.1 and (0.4+0.2)/2 = 0.3;
+    # eaft's is (0.7+0.5)/2 = 0.6 and (0.9+0.7)/2 = 0.8, against the base file's (1.0+0.8)/2 = 0.9.
+    assert rows["sft"]["general_avg"]["mean"] == pytest.approx(0.2)
+    assert rows["sft"]["domain_avg"]["mean"] == pytest.approx(0.95)
+    assert rows["eaft"]["general_avg"]["mean"] == pytest.approx(0.7)
+    assert rows["eaft"]["domain_avg"]["std"] == pytest.approx(statistics.stdev([0.8, 0.6]))
+    assert rows["eaft"]["general_delta"]["mean"] == pytest.approx(0.7 - 0.9)
+    assert rows["sft"]["general_delta"]["mean"] == pytest.approx(statistics.fmean([0.1 - 0.9, 0.3 - 0.8]))
+    assert "| sft | 2 | 95.0±7.1 |" in capsys.readouterr().out
+    # Grouping by a param of a log folder's hparams.yaml.
+    by_lr = main(["--csv", str(tmp_path / "csv"), "--tensorboard", str(tmp_path / "tb"), "--group_by", "params.learning_rate",
+                  "--domain_metric", "acc", "--general_metric", "acc"])  # fmt: skip
+    assert [r["group"] for r in by_lr["rows"]] == [{"learning_rate": "0.001"}]
+
+
+def test_log_sources_name_what_is_wrong(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    write_logs(CSVLogger(tmp_path / "csv", name="sft-seed0"), LOGGED["sft-seed0"], {})
+    with pytest.raises(SystemExit) as e:  # the default metrics are the embedded experiment's, not "acc"
+        main(["--csv", str(tmp_path / "csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "val/domain/<task>/content" in err and "found: val/domain/job/acc" in err
+    with pytest.raises(SystemExit):
+        main(["--csv", str(tmp_path / "nothing")])
+    assert "--csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--domain_metric", "acc"])  # no source at all
+    assert "--experiment, --tensorboard, --csv and/or --lm_eval" in capsys.readouterr().err
+    broken = tmp_path / "broken" / "metrics.csv"
+    broken.parent.mkdir()
+    broken.write_text("step,val/domain/job/acc\n0,0.5\n20,oops\n")
+    with pytest.raises(ValueError, match=r"metrics.csv, line 3: could not convert"):
+        read_metrics_csv(broken)
+
+
+def test_lm_eval_files_name_missing_tasks_and_metrics(tmp_path):
+    path = lm_eval_file(tmp_path / "r.json", {"job": 0.5})
+    table = read_lm_eval_results(path)
+    assert lm_eval_score(table, "job", "acc", path) == 0.5 and lm_eval_score(table, "job", "acc,none", path) == 0.5
+    with pytest.raises(ValueError, match=r"r.json: no task 'mmlu'; it has job"):
+        lm_eval_score(table, "mmlu", "acc", path)
+    with pytest.raises(ValueError, match=r"task 'job' has no score 'exact_match'; it has acc,none"):
+        lm_eval_score(table, "job", "exact_match", path)
+    with pytest.raises(ValueError, match="--lm_eval_general_tasks"):
+        load_lm_eval_runs([str(path)], str(path), ["job"], [], Selection())

@@ -342,12 +342,12 @@ def test_callback_scores_equal_lm_eval_on_the_same_weights_and_training_goes_on(
 class RankLog(LMEvalCallback):
     """Writes, on every rank, the steps at which this rank ran lm-eval, those it logged, and the last."""
 
-    def run(self, model, tokenizer):
+    def run(self, model, tokenizer, **kwargs):
         import torch.utils.collect_env
 
         torch.utils.collect_env.get_pretty_env_info = lambda: "skipped in tests"  # in a spawned rank: no fixture here
         self.ran.append(self.trainer_step)
-        return super().run(model, tokenizer)
+        return super().run(model, tokenizer, **kwargs)
 
     def _evaluate(self, trainer, pl_module):
         self.trainer_step = trainer.global_step
@@ -376,3 +376,25 @@ def test_under_ddp_rank_zero_evaluates_and_the_other_rank_waits(tmp_path, tokeni
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == {"ran": [0, 1], "steps": [0, 1], "final": 1}
     assert ranks[1] == {"ran": [], "steps": [], "final": 1}  # it waited at the barriers and trained on
+
+
+def test_quiet_requests_binds_disable_tqdm_on_every_request_type():
+    from eaft_pl.evaluation.harness import REQUEST_TYPES, quiet_requests
+
+    class FakeLM:
+        def __init__(self):
+            self.calls = []
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self.calls.append(("loglikelihood", disable_tqdm))
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            self.calls.append(("loglikelihood_rolling", disable_tqdm))
+
+        def generate_until(self, requests, disable_tqdm=False):
+            self.calls.append(("generate_until", disable_tqdm))
+
+    lm = quiet_requests(FakeLM())
+    for name in REQUEST_TYPES:
+        getattr(lm, name)([])  # as lm-eval's evaluator calls them: requests only
+    assert lm.calls == [(name, True) for name in REQUEST_TYPES]

@@ -193,3 +193,19 @@ def test_cache_is_reused_only_for_the_same_model_data_tokenizer_and_k(char_token
     paths = {path} | {p for _, p, _ in variants.values()}
     assert len(paths) == 5, "each change must give its own cache file"
     assert not any(hit for _, _, hit in variants.values())
+
+
+def test_the_pass_with_a_progress_bar_computes_the_same_table(char_tokenizer, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # the bar's output, kept out of the test log
+    model = tiny_model(char_tokenizer)
+    data = {"train": tiny_data(char_tokenizer), "val": tiny_data(char_tokenizer, 3, offset=10)}
+    pad = char_tokenizer.pad_token_id
+    plain = compute_reference_table(model, data, 20, lambda ex: collate(ex, pad), batch_size=4)
+    barred = compute_reference_table(model, data, 20, lambda ex: collate(ex, pad), batch_size=4, progress_bar=True)
+    assert "reference pass: train" in sys.stderr.getvalue()  # a bar per split was drawn
+    assert barred.train_keys == plain.train_keys and barred.entries.keys() == plain.entries.keys()
+    for key, entry in plain.entries.items():
+        torch.testing.assert_close(barred.entries[key]["label_prob"], entry["label_prob"])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, conflict_sh
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, token_statistics
 from eaft_pl.loss.conflict import confident_conflict_mask
-from eaft_pl.tracking import mlflow_loggers, run_tags
+from eaft_pl.progress import progress as with_progress  # the functions below take a `progress` flag
+from eaft_pl.tracking import log_files, mlflow_loggers, run_tags, set_tags
 
 __all__ = ["run_analysis", "TokenTable", "score_examples", "on_policy_examples", "summarise_tokens", "format_summary"]
 
@@ -74,14 +74,6 @@ class TokenTable:
     full_entropy: Optional[Tensor] = None
 
 
-def _progress(iterable: Any, desc: str, enabled: bool, total: int) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
-
-
 @torch.no_grad()
 def score_examples(
     module: Any,
@@ -100,7 +92,7 @@ def score_examples(
     parts: Dict[str, List[Tensor]] = {}
     top_k = module.hparams.top_k
     starts = range(0, len(examples), batch_size)
-    for start in _progress(starts, desc, progress, len(starts)):
+    for start in with_progress(starts, desc, progress, len(starts)):
         batch = batch_to(collate(examples[start : start + batch_size], pad), device)
         if forward_context is None:
             logits = module(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
@@ -161,7 +153,7 @@ def on_policy_examples(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out: List[EncodedExample] = []
     starts = range(0, len(examples), batch_size)
-    for start in _progress(starts, f"{mode} answers", progress, len(starts)):
+    for start in with_progress(starts, f"{mode} answers", progress, len(starts)):
         chunk = examples[start : start + batch_size]
         prompts = [ex.input_ids[: next(i for i, y in enumerate(ex.labels) if y != IGNORE_INDEX)] for ex in chunk]
         length = max(map(len, prompts))
@@ -285,7 +277,8 @@ def _cell(text: str, width: int = 60) -> str:
 def run_analysis(trainer: Trainer, model: Any, datamodule: Any, **options: Any) -> Dict[str, Any]:
     """The ``analyze`` subcommand (its options are documented on :meth:`eaft_pl.cli.EAFTTrainer.analyze`):
     statistics of ``datamodule``'s ``split`` under ``model`` before training, printed, logged to the
-    trainer's MLflow loggers and written to ``output_dir``. The run ends FAILED if anything raises."""
+    trainer's loggers (MLflow artifacts, or files in a TensorBoard or CSV ``log_dir``) and written to
+    ``output_dir``. The run ends FAILED if anything raises."""
     quantile, max_examples = options["quantile"], options["max_examples"]
     if not 0 < quantile <= 1:
         raise ValueError(f"analyze: quantile must lie in (0, 1], got {quantile}")
@@ -407,12 +400,10 @@ def log_analysis(
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback):
                 callback.setup(trainer, model, "analyze")  # the config artifact, as `fit` logs it
-        for logger in mlflow_loggers(trainer):
-            client, run_id = logger.experiment, logger.run_id
-            for key, value in run_tags(model, datamodule, "analyze").items():
-                client.set_tag(run_id, key, value[:5000])
+        set_tags(trainer, run_tags(model, datamodule, "analyze"))
+        log_files(trainer, folder, "analyze")
+        for logger in trainer.loggers:
             logger.log_metrics(analysis_metrics(summary), step=0)
-            client.log_artifacts(run_id, str(folder), "analyze")
             logger.finalize("success")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from eaft_pl.loss.stats import IGNORE_INDEX, TokenStats
-from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.tracking import log_files
 
 __all__ = ["TokenStatsWriter", "per_example_means"]
 
@@ -37,8 +38,8 @@ class TokenStatsWriter(BasePredictionWriter):
     """Writes what ``eaft-pl predict`` computes: one JSON line per example with its source
     (``file:line``) and the means of its supervised tokens (ce, label_prob, topk_entropy, weight,
     tokens). The file appears whole or not at all (written to a temporary name, then renamed) and is
-    logged to the MLflow run as an artifact. Under several processes each rank writes
-    ``<stem>.rank<k><suffix>``.
+    logged to the MLflow run as an artifact (copied into other loggers' ``log_dir``). Under several
+    processes each rank writes ``<stem>.rank<k><suffix>``.
 
     Args:
         output_file: Path of the JSONL file.
@@ -84,8 +85,7 @@ class TokenStatsWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._handle.close()
         os.replace(self._path + ".tmp", self._path)
-        for logger in mlflow_loggers(trainer):
-            logger.experiment.log_artifact(logger.run_id, self._path)
+        log_files(trainer, Path(self._path))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._handle is not None and not self._handle.closed:

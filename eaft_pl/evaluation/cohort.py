@@ -25,6 +25,7 @@ from torch import Tensor
 
 from eaft_pl.analysis.statistics import quantile_threshold
 from eaft_pl.evaluation.periodic import PeriodicEvaluation
+from eaft_pl.progress import progress, trainer_progress
 from eaft_pl.training.lora import AdapterDisabled
 from eaft_pl.loss.conflict import confident_conflict_mask
 from eaft_pl.data.chat import batch_to, collate
@@ -186,14 +187,14 @@ class ConflictCohortCallback(PeriodicEvaluation):
             examples += pool if len(pool) <= self.sample_size else rng.sample(pool, self.sample_size)
         return examples
 
-    def _score(self, pl_module: pl.LightningModule) -> Tuple[Tensor, Tensor, Tensor]:
+    def _score(self, pl_module: pl.LightningModule, progress_bar: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         """``(weight, label_prob, norm_entropy)`` of every cohort token under the current model."""
         was_training = pl_module.training
         pl_module.eval()
         parts: List[Tuple[Tensor, Tensor, Tensor]] = []
         try:
             with torch.no_grad():
-                for batch in self._batches:
+                for batch in progress(self._batches, "conflict cohort", progress_bar, len(self._batches)):
                     batch = batch_to(batch, pl_module.device)
                     stats, weights, _ = pl_module.token_stats(batch)
                     parts.append((weights.float().cpu(), stats.label_prob.float().cpu(), stats.norm_entropy.float().cpu()))
@@ -221,7 +222,7 @@ class ConflictCohortCallback(PeriodicEvaluation):
         model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
         if model is not None:
             with scoring_with(pl_module, model):
-                weight, label_prob, norm_entropy = self._score(pl_module)
+                weight, label_prob, norm_entropy = self._score(pl_module, trainer_progress(trainer))
             del model
             if self._conflict is None:  # the base: fix the thresholds and the cohorts once
                 self.thresholds = self._fix_thresholds(pl_module, label_prob, norm_entropy)

@@ -1,5 +1,6 @@
 """Training diagnostics at every evaluation: CE of low- and high-entropy tokens (the paper's Fig. 4),
-the (p, H) histogram and the gradient landscape (Fig. 1b, Fig. 3), logged to MLflow."""
+the (p, H) histogram and the gradient landscape (Fig. 1b, Fig. 3), logged to MLflow or
+into the log folder of TensorBoard and CSV loggers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid
-from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.tracking import log_figure, log_json
 
 __all__ = ["DiagnosticsCallback"]
 
@@ -30,8 +31,8 @@ class DiagnosticsCallback(Callback):
       ``||softmax(z) - onehot(y)||``, unweighted (what SFT would apply) and multiplied by the active
       gate's weight (what this run applies): a cheap proxy of Fig. 3's gradient magnitude.
 
-    Logged as MLflow artifacts under ``diagnostics/<stage>_<name>/``: ``step_<N>.json`` (the (p, H)
-    histogram, the per-bin mean gradient norms, the thresholds and the metrics) and, with
+    Logged as MLflow artifacts (files in the ``log_dir`` of other loggers) under
+    ``diagnostics/<stage>_<name>/``: ``step_<N>.json`` (the (p, H) histogram, the per-bin mean gradient norms, the thresholds and the metrics) and, with
     ``figures: true``, ``step_<N>.png`` (token density and the weighted-gradient landscape).
 
     It switches on the module's ``eval_grad_norm`` (one more pass over the evaluation logits); the
@@ -134,15 +135,12 @@ class DiagnosticsCallback(Callback):
                 self._log_artifacts(trainer, record, acc)
 
     def _log_artifacts(self, trainer: pl.Trainer, record: Dict[str, Any], acc: PlaneAccumulator) -> None:
-        loggers = list(mlflow_loggers(trainer))
-        if not loggers:
+        if not trainer.loggers:
             return
         stem = f"diagnostics/{record['stage']}_{record['name']}/step_{record['step']:06d}"
-        figure = self._figure(record, acc) if self.figures else None
-        for logger in loggers:
-            logger.experiment.log_dict(logger.run_id, record, f"{stem}.json")
-            if figure is not None:
-                logger.experiment.log_figure(logger.run_id, figure, f"{stem}.png")
+        log_json(trainer, record, f"{stem}.json")
+        if self.figures:
+            log_figure(trainer, self._figure(record, acc), f"{stem}.png")
 
     @staticmethod
     def _figure(record: Dict[str, Any], acc: PlaneAccumulator) -> Any:

@@ -10,6 +10,8 @@ import torch
 
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
 from eaft_pl.evaluation.scores import Scores, forgetting, suite_averages
+from eaft_pl.progress import progress, trainer_progress
+from eaft_pl.tracking import log_json
 from eaft_pl.training.sharded import gather_full_model
 
 __all__ = ["ForgettingCallback"]
@@ -28,9 +30,9 @@ class ForgettingCallback(PeriodicEvaluation):
       every suite except the domain suites;
     - ``gain/<suite>/<metric>``: current minus base, for the domain suites.
 
-    The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` on
-    the MLflow run and kept in :attr:`history`. Evaluation runs on rank zero; the others wait. Under
-    FSDP every rank first helps gather the full weights into a copy on rank zero's device
+    The whole score matrix (every evaluation, every task) is logged as ``forgetting/scores.json`` (on
+    the MLflow run, or in the ``log_dir`` of TensorBoard and CSV loggers) and kept in
+    :attr:`history`. Evaluation runs on rank zero; the others wait. Under FSDP every rank first helps gather the full weights into a copy on rank zero's device
     (:func:`eaft_pl.training.sharded.gather_full_model`: rank zero then holds the whole model once more while
     it evaluates); DeepSpeed and ModelParallel are refused.
 
@@ -55,11 +57,11 @@ class ForgettingCallback(PeriodicEvaluation):
             return
         model = gather_full_model(trainer.strategy, pl_module.model)  # every rank: a collective under FSDP
         if model is not None:
+            pairs = [(suite, task) for suite, tasks in self._suites.items() for task in tasks]
+            scores: Scores = {suite: {} for suite in self._suites}
             with kept_modes(model), torch.no_grad():  # every submodule gets its own mode back
-                scores: Scores = {
-                    suite: {task.name: task.evaluate(model, pl_module.tokenizer, self.batch_size) for task in tasks}
-                    for suite, tasks in self._suites.items()
-                }
+                for suite, task in progress(pairs, f"forgetting (step {step})", trainer_progress(trainer), len(pairs)):
+                    scores[suite][task.name] = task.evaluate(model, pl_module.tokenizer, self.batch_size)
             del model  # the FSDP copy: free it before training goes on
             self.history.append({"step": step, "scores": scores})
             self._log(trainer, step, scores)
@@ -99,8 +101,4 @@ class ForgettingCallback(PeriodicEvaluation):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            for logger in trainer.loggers:
-                if isinstance(logger, MLFlowLogger):
-                    logger.experiment.log_dict(logger.run_id, {"history": self.history}, "forgetting/scores.json")
+            log_json(trainer, {"history": self.history}, "forgetting/scores.json")

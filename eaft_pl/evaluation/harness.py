@@ -8,7 +8,7 @@ only when the callback is built: ``eaft_pl`` imports without it.
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import os
 import time
 from importlib.metadata import version
@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from eaft_pl.evaluation.forgetting import forgetting
 from eaft_pl.evaluation.harness_results import lower_is_better, primary_scores, safe_name, task_scores
 from eaft_pl.evaluation.periodic import PeriodicEvaluation, kept_modes
+from eaft_pl.progress import trainer_progress
 from eaft_pl.training.sharded import gather_full_model
-from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.tracking import log_json, set_tags
 
-__all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "scores_record"]
+__all__ = ["INSTALL_HINT", "LMEvalCallback", "import_harness", "quiet_requests", "scores_record"]
 
 INSTALL_HINT = "pip install 'eaft-pl[lmeval]'"
 
@@ -45,6 +46,18 @@ def import_harness() -> Tuple[Any, Any, Any]:
             f"({err}); install them with: {INSTALL_HINT}"
         ) from err
     return simple_evaluate, HFLM, TaskManager
+
+
+#: The request types of lm-eval's model interface; HFLM draws a bar over each unless told not to.
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def quiet_requests(lm: Any) -> Any:
+    """Turn off the progress bars ``lm`` (an lm-eval ``HFLM``) draws over the requests it scores:
+    lm-eval's evaluator calls these methods without their ``disable_tqdm`` argument, so it is bound here."""
+    for name in REQUEST_TYPES:
+        setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+    return lm
 
 
 def scores_record(results: Dict[str, Any]) -> Dict[str, Any]:
@@ -99,8 +112,8 @@ class LMEvalCallback(PeriodicEvaluation):
       ``acc``, else lm-eval's first metric (IFEval: ``prompt_level_strict_acc``, GSM8K:
       ``exact_match_strict-match``); lower-is-better primaries are left out of the average.
 
-    On the MLflow run: ``lm_eval/<suite>/step_<step>.json`` (lm-eval's full results dict of each
-    evaluation, with task versions, n-shot, sample counts and task configs),
+    On the run (MLflow artifacts, or files in the ``log_dir`` of TensorBoard and CSV loggers):
+    ``lm_eval/<suite>/step_<step>.json`` (lm-eval's full results dict of each evaluation, with task versions, n-shot, sample counts and task configs),
     ``lm_eval/<suite>/config.json`` (the options, package versions and primary metrics, once),
     ``lm_eval/<suite>/samples_step_<step>.json`` with ``log_samples``, and the tag
     ``lm_eval_version``. Everything is also kept in :attr:`history`.
@@ -216,15 +229,18 @@ class LMEvalCallback(PeriodicEvaluation):
             return {}
         return {key: self.seed for key in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
 
-    def run(self, model: torch.nn.Module, tokenizer: Any) -> Dict[str, Any]:
+    def run(self, model: torch.nn.Module, tokenizer: Any, progress_bar: bool = True) -> Dict[str, Any]:
         """lm-eval's results dict for ``model`` as it is now; the model keeps its modes, the tokenizer
-        and the global random state are left as they were."""
+        and the global random state are left as they were. ``progress_bar=False`` turns off lm-eval's
+        bars over the requests it scores (its short bar while it builds them stays)."""
         simple_evaluate, HFLM, _ = import_harness()
         task_manager = self.task_manager()
         with kept_modes(model), isolate_rng(), torch.no_grad():
             # HFLM sets the tokenizer's padding side per batch and may add a pad token: give it a copy.
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
                       max_length=self.max_length, **self.hflm_kwargs)  # fmt: skip
+            if not progress_bar:
+                quiet_requests(lm)
             return simple_evaluate(
                 lm,
                 tasks=list(self.tasks),
@@ -248,7 +264,7 @@ class LMEvalCallback(PeriodicEvaluation):
         model = gather_full_model(trainer.strategy, pl_module.model)
         if model is not None:
             start = time.perf_counter()
-            results = self.run(model, pl_module.tokenizer)
+            results = self.run(model, pl_module.tokenizer, progress_bar=trainer_progress(trainer))
             del model  # the FSDP copy: free it before training goes on
             record = {"step": step, "seconds": time.perf_counter() - start, **scores_record(results)}
             self.history.append(record)
@@ -280,20 +296,15 @@ class LMEvalCallback(PeriodicEvaluation):
             logger.log_metrics(self.metrics(record), step=step)
         from lm_eval.utils import handle_non_serializable
 
-        def dump(obj: Any) -> str:
-            return json.dumps(obj, indent=2, default=handle_non_serializable)
-
         samples = results.pop("samples", None)
         folder = f"lm_eval/{self.suite}"
-        for logger in mlflow_loggers(trainer):
-            client, run_id = logger.experiment, logger.run_id
-            if len(self.history) == 1:
-                client.log_text(run_id, dump(self._config(results)), f"{folder}/config.json")
-                client.set_tag(run_id, "lm_eval_version", version("lm_eval"))
-            client.log_text(run_id, dump({"step": step, "seconds": record["seconds"], "results": results}),
-                            f"{folder}/step_{step:06d}.json")  # fmt: skip
-            if samples is not None:
-                client.log_text(run_id, dump(samples), f"{folder}/samples_step_{step:06d}.json")
+        if len(self.history) == 1:
+            log_json(trainer, self._config(results), f"{folder}/config.json", default=handle_non_serializable)
+            set_tags(trainer, {"lm_eval_version": version("lm_eval")})
+        step_record = {"step": step, "seconds": record["seconds"], "results": results}
+        log_json(trainer, step_record, f"{folder}/step_{step:06d}.json", default=handle_non_serializable)
+        if samples is not None:
+            log_json(trainer, samples, f"{folder}/samples_step_{step:06d}.json", default=handle_non_serializable)
 
     def _config(self, results: Dict[str, Any]) -> Dict[str, Any]:
         """What a rerun needs besides the model: options, package versions, task versions and n-shot."""

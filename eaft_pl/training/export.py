@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from eaft_pl.fileio import atomic_directory
-from eaft_pl.tracking import mlflow_loggers
+from eaft_pl.tracking import set_tags
 from eaft_pl.training.lora import is_peft_model
 from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding
 
@@ -143,6 +143,5 @@ class SaveHFModel(pl.Callback):
             dirpath = self.resolve_dirpath(trainer)
             export_hf_folder(pl_module, dirpath, save_adapter=self.save_adapter, model=model)
             del model  # the FSDP copy: free it before the other callbacks run
-            for logger in mlflow_loggers(trainer):
-                logger.experiment.set_tag(logger.run_id, "hf_model_dir", os.path.abspath(dirpath))
+            set_tags(trainer, {"hf_model_dir": os.path.abspath(dirpath)})
         trainer.strategy.barrier("save_hf_model")  # the folder exists when any rank goes on
