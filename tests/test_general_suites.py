@@ -62,6 +62,9 @@ def test_every_constraint_kind_has_a_case_and_unknown_kinds_are_refused():
     assert {c[0] for c in CASES} == set(CHECKS)
     with pytest.raises(ValueError, match="unknown constraint kind 'shout'"):
         Constraint("shout")
+    for kind, bad in [("max_words", "10"), ("bullets", 0), ("keyword", " "), ("json_keys", []), ("lowercase", True)]:
+        with pytest.raises(ValueError, match=f"constraint '{kind}' needs"):
+            Constraint(kind, bad)
     with pytest.raises(ValueError, match="no constraints"):
         InstructionItem("Describe the sea.", ())
 
@@ -260,3 +263,47 @@ def test_bad_sizes_and_names_get_clear_errors():
         general_suites(include=["mmlu"])
     with pytest.raises(ValueError, match="top_k"):
         BaseAgreementTask("a", ["hi"], top_k=0)
+
+
+# ---- in a fit, through the forgetting callback ----------------------------------------------------
+
+
+def test_the_forgetting_callback_takes_the_agreement_base_at_step_zero(tmp_path, tokenizer_dir):
+    import lightning.pytorch as pl
+
+    from eaft_pl import EAFTModule
+    from eaft_pl.evaluation.forgetting import ForgettingCallback
+    from scale_fit import InOrderData, write_records
+
+    class Data(InOrderData):
+        def evaluation_suites(self):
+            return general_suites(include=["agreement"], n_agreement=2, agreement_tokens=4) | {
+                "domain": [TextPerplexityTask("d", ["the sea is calm"])]
+            }
+
+    class Snapshot(pl.Callback):  # the model as the callback's first evaluation sees it
+        def on_train_start(self, trainer, pl_module):
+            self.base = copy.deepcopy(pl_module.model).eval()
+
+    pl.seed_everything(0)
+    module = EAFTModule(model_config=TINY_LLAMA, tokenizer_name_or_path=str(tokenizer_dir), learning_rate=3e-2)
+    data = Data(train_file=str(write_records(tmp_path / "train.jsonl")), tokenizer_name_or_path=str(tokenizer_dir), batch_size=4)
+    snapshot, forgetting_cb = Snapshot(), ForgettingCallback(every_n_steps=1, batch_size=2)
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", callbacks=[snapshot, forgetting_cb],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+
+    history = forgetting_cb.history
+    assert [h["step"] for h in history] == [0, 1, 2]
+    assert history[0]["scores"]["general"]["agreement"] == {"agree": 1.0, "token_agree": 1.0, "kl": 0.0}
+    (task,) = forgetting_cb._suites["general"]
+    assert len(set(task.prompts)) == 2 and set(task.prompts) <= set(GENERAL_PROMPTS)
+    tok = module.tokenizer
+    assert task.base.answers == [_argmax_decode(snapshot.base, tok, p, 4) for p in task.prompts]
+    final = history[-1]["scores"]["general"]["agreement"]
+    model = module.model.eval()
+    assert final["kl"] > 0
+    assert final["kl"] == pytest.approx(_direct_kl(snapshot.base, model, tok, task.prompts, task.base.answers), rel=1e-4)
+

@@ -32,6 +32,8 @@ class Constraint:
     def __post_init__(self) -> None:
         if self.kind not in CHECKS:
             raise ValueError(f"unknown constraint kind {self.kind!r}; known: {sorted(CHECKS)}")
+        if not _VALUE_OK[self.kind](self.value):
+            raise ValueError(f"constraint {self.kind!r} needs {_VALUE_NEEDS[self.kind]}, got {self.value!r}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,38 @@ _SENTENCES: Dict[str, Callable[[Any], str]] = {
     "starts_with": lambda w: f"Start your answer with the word '{w}'.",
     "bullets": lambda n: f"Answer with exactly {n} bullet points, each on its own line starting with '- '.",
     "no_commas": lambda _: "Do not use any commas.",
+}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _phrase(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+_VALUE_OK: Dict[str, Callable[[Any], bool]] = {
+    "lowercase": lambda v: v is None,
+    "max_words": _positive_int,
+    "min_words": _positive_int,
+    "keyword": _phrase,
+    "json_keys": lambda v: isinstance(v, (list, tuple)) and bool(v) and all(_phrase(k) for k in v),
+    "ends_with": _phrase,
+    "starts_with": _phrase,
+    "bullets": _positive_int,
+    "no_commas": lambda v: v is None,
+}
+_VALUE_NEEDS = {
+    "lowercase": "no value",
+    "max_words": "a positive int",
+    "min_words": "a positive int",
+    "keyword": "a non-empty string",
+    "json_keys": "a non-empty list of key strings",
+    "ends_with": "a non-empty string",
+    "starts_with": "a non-empty string",
+    "bullets": "a positive int",
+    "no_commas": "no value",
 }
 
 
