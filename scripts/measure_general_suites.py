@@ -122,6 +122,14 @@ def per_kind(task, answers) -> Dict[str, float]:
     return {kind: round(sum(r) / len(r), 3) for kind, r in results.items()}
 
 
+def accuracy_by(items, right, key: str) -> Dict[str, Dict[str, float]]:
+    """Accuracy and item count per value of ``item[key]``."""
+    groups: Dict[str, list] = {}
+    for item, ok in zip(items, right):
+        groups.setdefault(str(item[key]), []).append(ok)
+    return {value: {"acc": round(sum(oks) / len(oks), 3), "items": len(oks)} for value, oks in sorted(groups.items())}
+
+
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
     model, tokenizer = load_base()
     tasks = candidate_tasks(
@@ -140,9 +148,14 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     suites["prose"] = {"metrics": scores, "chance": None, "wall_s": wall, "items": len(tasks["prose"].texts)}
 
     facts = tasks["facts"]
-    scores, wall = timed("facts", facts.evaluate, model, tokenizer, bs)
+    picks, wall = timed("facts", facts.choose, model, tokenizer, bs)  # what facts.evaluate does, kept per item
+    right = [pick == item["label"] for pick, item in zip(picks, facts.items)]
     chance = sum(1 / len(item["choices"]) for item in facts.items) / len(facts.items)
-    suites["facts"] = {"metrics": scores, "chance": chance, "wall_s": wall, "items": len(facts.items)}
+    suites["facts"] = {
+        "metrics": {"acc": sum(right) / len(right)}, "chance": chance, "wall_s": wall, "items": len(facts.items),
+        "acc_by_category": accuracy_by(facts.items, right, "category"), "acc_by_lured": accuracy_by(facts.items, right, "lured"),
+        "answers": [{"prompt": it["prompt"], "answer": it["choices"][it["label"]], "picked": it["choices"][p]} for it, p in zip(facts.items, picks)],
+    }  # fmt: skip
 
     for name in ("instructions", "instructions_control"):
         task = tasks[name]
@@ -207,7 +220,7 @@ def main() -> None:
     results = measure(args)
     results["load_average_1min_before"] = round(load_before, 2)
     for name, entry in results["suites"].items():
-        print(json.dumps({"suite": name, **{k: v for k, v in entry.items() if k != "examples"}}))
+        print(json.dumps({"suite": name, **{k: v for k, v in entry.items() if k not in ("examples", "answers")}}))
     print(json.dumps({k: v for k, v in results.items() if k != "suites"}))
     if args.output:
         command = "python scripts/measure_general_suites.py " + " ".join(sys.argv[1:])

@@ -188,6 +188,13 @@ class MultipleChoiceTask:
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
+        picks = self.choose(model, tokenizer, batch_size)
+        correct = sum(pick == item["label"] for pick, item in zip(picks, self.items))
+        return {"acc": correct / max(len(self.items), 1)}
+
+    @torch.no_grad()
+    def choose(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[int]:
+        """The index of the choice the model finds likeliest, per item."""
         pairs, owners = [], []  # (prompt ids, choice ids), (item index, choice index)
         for i, item in enumerate(self.items):
             prompt = chat_prompt_ids(tokenizer, item["prompt"])
@@ -197,8 +204,7 @@ class MultipleChoiceTask:
         scores = torch.full((len(self.items), max((len(it["choices"]) for it in self.items), default=0)), -math.inf)
         for (i, j), (_, choice), logp in zip(owners, pairs, continuation_log_probs(model, tokenizer, pairs, batch_size)):
             scores[i, j] = logp[torch.arange(len(choice)), torch.tensor(choice)].sum().item()
-        correct = sum(int(scores[i].argmax()) == item["label"] for i, item in enumerate(self.items))
-        return {"acc": correct / max(len(self.items), 1)}
+        return [int(row.argmax()) for row in scores]
 
 
 @dataclass

@@ -47,7 +47,8 @@ def fact_items(n: int, seed: int = 0, n_choices: int = 4) -> List[Dict[str, Any]
 
     Facts are drawn without replacement, round-robin over the categories so every category is
     represented; the distractors are the fact's lures first, then other answers of its category,
-    and the choices are shuffled. The same ``seed`` gives the same items.
+    and the choices are shuffled. The same ``seed`` gives the same items. Besides the task's keys,
+    each item has ``category`` and ``lured`` (whether a lure is among its distractors), for reports.
     """
     if not 1 <= n <= len(FACTS):
         raise ValueError(f"n must be in [1, {len(FACTS)}] (the facts in the table), got {n}")
@@ -67,7 +68,10 @@ def fact_items(n: int, seed: int = 0, n_choices: int = 4) -> List[Dict[str, Any]
         distractors += rng.sample(others, n_choices - 1 - len(distractors))
         choices = [fact.answer, *distractors]
         rng.shuffle(choices)
-        items.append({"prompt": f"{fact.question} Reply with the answer only.", "choices": choices, "label": choices.index(fact.answer)})
+        items.append({
+            "prompt": f"{fact.question} Reply with the answer only.", "choices": choices, "label": choices.index(fact.answer),
+            "category": fact.category, "lured": bool(fact.lures),
+        })  # fmt: skip
     return items
 
 
