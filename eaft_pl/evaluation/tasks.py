@@ -1,7 +1,7 @@
 """Evaluation tasks scored the way benchmarks score: greedy generation with exact match, multiple
-choice by log-likelihood, and perplexity on held-out conversations or plain text. Each task is batched and works
-on any Hugging Face causal LM with a chat template; higher is better for every metric except ``ce``
-and ``ppl``.
+choice by log-likelihood, and perplexity on held-out conversations or plain text. Each task is
+batched and works on any Hugging Face causal LM with a chat template; higher is better for every
+metric except those in :data:`LOWER_IS_BETTER`.
 """
 
 from __future__ import annotations
