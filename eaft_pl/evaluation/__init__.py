@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING
 from eaft_pl._lazy import lazy_exports
 
 _LAZY = {
+    "BaseAgreementTask": "eaft_pl.evaluation.agreement",
     "ForgettingCallback": "eaft_pl.evaluation.forgetting",
     "GenerationTask": "eaft_pl.evaluation.tasks",
+    "InstructionTask": "eaft_pl.evaluation.instructions",
     "LMEvalCallback": "eaft_pl.evaluation.harness",
     "MultipleChoiceTask": "eaft_pl.evaluation.tasks",
     "PerplexityTask": "eaft_pl.evaluation.tasks",
+    "TextPerplexityTask": "eaft_pl.evaluation.tasks",
     "forgetting": "eaft_pl.evaluation.scores",
     "suite_averages": "eaft_pl.evaluation.scores",
 }
@@ -21,9 +24,11 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from eaft_pl.evaluation.agreement import BaseAgreementTask
     from eaft_pl.evaluation.forgetting import ForgettingCallback
     from eaft_pl.evaluation.harness import LMEvalCallback
+    from eaft_pl.evaluation.instructions import InstructionTask
     from eaft_pl.evaluation.scores import forgetting, suite_averages
-    from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
+    from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask, TextPerplexityTask
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,25 +1,39 @@
 """Evaluation tasks scored the way benchmarks score: greedy generation with exact match, multiple
-choice by log-likelihood, and perplexity on held-out conversations. Each task is batched and works
-on any Hugging Face causal LM with a chat template; higher is better for every metric except ``ce``
-and ``ppl``.
+choice by log-likelihood, and perplexity on held-out conversations or plain text. Each task is
+batched and works on any Hugging Face causal LM with a chat template; higher is better for every
+metric except those in :data:`LOWER_IS_BETTER`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
-from eaft_pl.data.chat import Conversation, batch_to, collate, encode_conversation, pad_token_id
+from eaft_pl.data.chat import Conversation, EncodedExample, batch_to, collate, encode_conversation, pad_token_id
 from eaft_pl.loss.stats import token_statistics
 
-__all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
+__all__ = [
+    "GenerationTask",
+    "MultipleChoiceTask",
+    "PerplexityTask",
+    "TextPerplexityTask",
+    "LOWER_IS_BETTER",
+    "chat_prompt_ids",
+    "continuation_log_probs",
+    "content_match",
+    "decode_answer",
+    "greedy_answers",
+    "normalise",
+]
 
 #: Metrics where a smaller value is better (forgetting flips their sign): this module's ``ce`` and
-#: ``ppl``, and lm-evaluation-harness's perplexity-style metrics (wikitext, lambada).
-LOWER_IS_BETTER = frozenset({"ce", "ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+#: ``ppl``, the KL to the base of :class:`~eaft_pl.evaluation.agreement.BaseAgreementTask`, and
+#: lm-evaluation-harness's perplexity-style metrics (wikitext, lambada).
+LOWER_IS_BETTER = frozenset({"ce", "ppl", "kl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
 
 
 def normalise(text: str) -> str:
@@ -44,7 +58,8 @@ def content_match(output: str, answer: str, distractors: Sequence[str]) -> bool:
     return False
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
+    """The token ids of one user turn and the assistant's generation prompt (the chat template's)."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -85,28 +100,80 @@ class GenerationTask:
 
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:
-        device = next(model.parameters()).device
-        pad = pad_token_id(tokenizer)
-        outputs: List[str] = []
-        for chunk in _batches(self.items, batch_size):
-            prompts = [_prompt_ids(tokenizer, item["prompt"]) for item in chunk]
-            length = max(map(len, prompts))
-            # Left padding, so every prompt ends where generation starts.
-            ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row in generated[:, length:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                outputs.append(normalise(tokenizer.decode(row, skip_special_tokens=True)))
-        return outputs
+        answers = greedy_answers(model, tokenizer, [item["prompt"] for item in self.items], self.max_new_tokens, batch_size)
+        return [normalise(tokenizer.decode(_without_eos(row, tokenizer), skip_special_tokens=True)) for row in answers]
+
+
+def _without_eos(ids: List[int], tokenizer: Any) -> List[int]:
+    """``ids`` up to (not including) the first end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def decode_answer(tokenizer: Any, ids: List[int]) -> str:
+    """The text of a greedy answer from :func:`greedy_answers`, its end-of-sequence token dropped and
+    its whitespace kept (line breaks matter to format checks)."""
+    return tokenizer.decode(_without_eos(ids, tokenizer), skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64) -> List[List[int]]:
+    """Greedy answers to user prompts (chat template applied), batched with left padding.
+
+    Returns:
+        Each prompt's generated token ids, up to and including the first end-of-sequence token (an
+        answer cut by ``max_new_tokens`` has none). Padding after the end is dropped.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+    answers: List[List[int]] = []
+    for chunk in _batches(list(prompts), batch_size):
+        encoded = [chat_prompt_ids(tokenizer, prompt) for prompt in chunk]
+        length = max(map(len, encoded))
+        # Left padding, so every prompt ends where generation starts.
+        ids = torch.tensor([[pad] * (length - len(p)) + p for p in encoded], device=device)
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in encoded], device=device)
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for row in generated[:, length:].tolist():
+            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return answers
+
+
+@torch.no_grad()
+def continuation_log_probs(
+    model: Any, tokenizer: Any, pairs: Sequence[Tuple[List[int], List[int]]], batch_size: int = 64
+) -> Iterator[Tensor]:
+    """Teacher-forced log-probabilities of continuations after their prompts.
+
+    Args:
+        pairs: ``(prompt ids, continuation ids)``; batched with right padding.
+
+    Yields:
+        Per pair, in order, the ``(len(continuation), V)`` float32 log-probabilities (on CPU) whose
+        row k predicts continuation token k.
+    """
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    for chunk in _batches(list(pairs), batch_size):
+        length = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for row, (p, c) in enumerate(chunk):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[row, : len(p) + len(c)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, (p, c) in enumerate(chunk):
+            # Continuation token k sits at len(p) + k and is predicted by the logits at len(p) + k - 1.
+            yield torch.log_softmax(logits[row, len(p) - 1 : len(p) + len(c) - 1].float(), dim=-1).cpu()
 
 
 @dataclass
@@ -121,29 +188,23 @@ class MultipleChoiceTask:
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
-        device = next(model.parameters()).device
-        pad = pad_token_id(tokenizer)
-        pairs = []  # (item index, choice index, prompt ids, choice ids)
-        for i, item in enumerate(self.items):
-            prompt = _prompt_ids(tokenizer, item["prompt"])
-            for j, choice in enumerate(item["choices"]):
-                pairs.append((i, j, prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
-        scores = torch.full((len(self.items), max((len(it["choices"]) for it in self.items), default=0)), -math.inf)
-        for chunk in _batches(pairs, batch_size):
-            length = max(len(p) + len(c) for _, _, p, c in chunk)
-            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), length), dtype=torch.long)
-            for row, (_, _, p, c) in enumerate(chunk):
-                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-                mask[row, : len(p) + len(c)] = 1
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-            for row, (i, j, p, c) in enumerate(chunk):
-                # Token k of the choice (at position len(p)+k) is predicted by the logits at len(p)+k-1.
-                positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=logp.device)
-                targets = torch.tensor(c, device=logp.device)
-                scores[i, j] = logp[row, positions, targets].sum().item()
-        correct = sum(int(scores[i].argmax()) == item["label"] for i, item in enumerate(self.items))
+        picks = self.choose(model, tokenizer, batch_size)
+        correct = sum(pick == item["label"] for pick, item in zip(picks, self.items))
         return {"acc": correct / max(len(self.items), 1)}
+
+    @torch.no_grad()
+    def choose(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[int]:
+        """The index of the choice the model finds likeliest, per item."""
+        pairs, owners = [], []  # (prompt ids, choice ids), (item index, choice index)
+        for i, item in enumerate(self.items):
+            prompt = chat_prompt_ids(tokenizer, item["prompt"])
+            for j, choice in enumerate(item["choices"]):
+                pairs.append((prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
+                owners.append((i, j))
+        scores = torch.full((len(self.items), max((len(it["choices"]) for it in self.items), default=0)), -math.inf)
+        for (i, j), (_, choice), logp in zip(owners, pairs, continuation_log_probs(model, tokenizer, pairs, batch_size)):
+            scores[i, j] = logp[torch.arange(len(choice)), torch.tensor(choice)].sum().item()
+        return [int(row.argmax()) for row in scores]
 
 
 @dataclass
@@ -157,16 +218,49 @@ class PerplexityTask:
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
-        device = next(model.parameters()).device
         if not self._encoded:
             self._encoded = [encode_conversation(tokenizer, c, self.max_length) for c in self.conversations]
-        pad = pad_token_id(tokenizer)
-        total, count = 0.0, 0
-        for chunk in _batches(self._encoded, batch_size):
-            batch = batch_to(collate(chunk, pad), device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            stats = token_statistics(logits, batch["labels"])
-            total += stats.ce.double().sum().item()
-            count += stats.num_tokens
-        ce = total / max(count, 1)
-        return {"ce": ce, "ppl": math.exp(ce)}
+        return _perplexity(model, tokenizer, self._encoded, batch_size)
+
+
+def _perplexity(model: Any, tokenizer: Any, encoded: Sequence[EncodedExample], batch_size: int) -> Dict[str, float]:
+    """Mean cross-entropy over the supervised tokens of ``encoded``, and its exponential."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    total, count = 0.0, 0
+    for chunk in _batches(encoded, batch_size):
+        batch = batch_to(collate(chunk, pad), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        stats = token_statistics(logits, batch["labels"])
+        total += stats.ce.double().sum().item()
+        count += stats.num_tokens
+    ce = total / max(count, 1)
+    return {"ce": ce, "ppl": math.exp(ce)}
+
+
+@dataclass
+class TextPerplexityTask:
+    """Cross-entropy and perplexity of plain text (no chat template): every token after the first
+    of each text, each text cut to ``max_length`` tokens. For prose the model was not fine-tuned on,
+    this is the language-modelling skill a fine-tune can erode."""
+
+    name: str
+    texts: List[str]
+    max_length: int = 256
+    _encoded: List[EncodedExample] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ValueError(f"TextPerplexityTask {self.name!r}: no texts")
+        if self.max_length < 2:
+            raise ValueError(f"TextPerplexityTask {self.name!r}: max_length must be >= 2, got {self.max_length}")
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
+        if not self._encoded:
+            for i, text in enumerate(self.texts):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length]
+                if len(ids) < 2:
+                    raise ValueError(f"TextPerplexityTask {self.name!r}: text {i} has fewer than 2 tokens")
+                self._encoded.append(EncodedExample(ids, list(ids), f"{self.name}:{i}"))
+        return _perplexity(model, tokenizer, self._encoded, batch_size)
