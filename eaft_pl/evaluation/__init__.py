@@ -2,6 +2,17 @@
 
 from eaft_pl.evaluation.forgetting import ForgettingCallback, forgetting, suite_averages
 from eaft_pl.evaluation.harness import LMEvalCallback
+from eaft_pl.evaluation.scorers import FinalNumberScorer, ToolCallScorer
 from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask
 
-__all__ = ["ForgettingCallback", "GenerationTask", "LMEvalCallback", "MultipleChoiceTask", "PerplexityTask", "forgetting", "suite_averages"]
+__all__ = [
+    "FinalNumberScorer",
+    "ForgettingCallback",
+    "GenerationTask",
+    "LMEvalCallback",
+    "MultipleChoiceTask",
+    "PerplexityTask",
+    "ToolCallScorer",
+    "forgetting",
+    "suite_averages",
+]

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from eaft_pl.data.chat import Conversation, batch_to, collate, encode_conversation, pad_token_id
+from eaft_pl.evaluation.scorers import Scorer
 from eaft_pl.loss.stats import token_statistics
 
-__all__ = ["GenerationTask", "MultipleChoiceTask", "PerplexityTask", "LOWER_IS_BETTER", "content_match", "normalise"]
+__all__ = [
+    "GenerationTask",
+    "MultipleChoiceTask",
+    "PerplexityTask",
+    "LOWER_IS_BETTER",
+    "content_match",
+    "exact_and_content",
+    "normalise",
+]
 
 #: Metrics where a smaller value is better (forgetting flips their sign): this module's ``ce`` and
 #: ``ppl``, and lm-evaluation-harness's perplexity-style metrics (wikitext, lambada).
@@ -44,8 +53,17 @@ def content_match(output: str, answer: str, distractors: Sequence[str]) -> bool:
     return False
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+def exact_and_content(output: str, item: Mapping[str, Any]) -> Dict[str, float]:
+    """The default scorer of :class:`GenerationTask`: ``exact`` and ``content`` (see there)."""
+    exact = output in {normalise(r) for r in item["references"]}
+    return {"exact": float(exact), "content": float(content_match(output, item["answer"], item["distractors"]))}
+
+
+def _prompt_ids(tokenizer: Any, prompt: str, system: Optional[str] = None) -> List[int]:
+    # Without a system prompt of the item's own, the template adds its default one (if it has one),
+    # as it does for the training conversations.
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -56,9 +74,12 @@ def _batches(items: Sequence[Any], size: int):
 
 @dataclass
 class GenerationTask:
-    """Greedy generation from a user prompt, scored two ways.
+    """Greedy generation from a user prompt, scored per item by ``scorer``.
 
-    Each item: ``{"prompt": str, "references": [str, ...], "answer": str, "distractors": [str, ...]}``.
+    Each item: ``{"prompt": str, ...}`` plus what the scorer reads, and optionally ``"system"``, a
+    system prompt put before the user turn (the tools a model may call, say). The default scorer
+    (:func:`exact_and_content`) reads ``{"references": [str, ...], "answer": str, "distractors":
+    [str, ...]}`` and gives two metrics:
 
     - ``exact``: the answer (whitespace-normalised) equals one of ``references``, format included,
       like IFEval-style strict scoring.
@@ -67,21 +88,37 @@ class GenerationTask:
       must be ``answer`` ("3 plus 4 is 7" answers 7, not 3). Without them, ``answer`` must occur in
       the output as a run of words that no other word of the answer extends on either side ("red
       red red" does not answer "red red").
+
+    Another scorer (:mod:`eaft_pl.evaluation.scorers`: the final number of a math answer, a parsed
+    tool call) gives its own metrics; each metric is the mean over the items.
+
+    Args:
+        name: The task's name in metric names.
+        items: The prompts and what the scorer compares with.
+        max_new_tokens: Generation stops after this many tokens (or at the end-of-turn token).
+        scorer: ``scorer(output, item) -> {metric: value}``; ``None`` is :func:`exact_and_content`.
     """
 
     name: str
     items: List[Dict[str, Any]]
     max_new_tokens: int = 12
+    scorer: Optional[Scorer] = None
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
-        outputs = self.generate(model, tokenizer, batch_size)
-        exact = content = 0
+        return self.score(self.generate(model, tokenizer, batch_size))
+
+    def score(self, outputs: Sequence[str]) -> Dict[str, float]:
+        """The mean of each of the scorer's metrics over the items, given their ``outputs`` in order."""
+        if len(outputs) != len(self.items):
+            raise ValueError(f"task {self.name!r}: {len(outputs)} outputs for {len(self.items)} items")
+        scorer = self.scorer or exact_and_content
+        totals: Dict[str, float] = {}
         for item, out in zip(self.items, outputs):
-            exact += out in {normalise(r) for r in item["references"]}
-            content += content_match(out, item["answer"], item["distractors"])
+            for metric, value in scorer(out, item).items():
+                totals[metric] = totals.get(metric, 0.0) + value
         n = max(len(self.items), 1)
-        return {"exact": exact / n, "content": content / n}
+        return {metric: total / n for metric, total in totals.items()}
 
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:
@@ -89,7 +126,7 @@ class GenerationTask:
         pad = pad_token_id(tokenizer)
         outputs: List[str] = []
         for chunk in _batches(self.items, batch_size):
-            prompts = [_prompt_ids(tokenizer, item["prompt"]) for item in chunk]
+            prompts = [_prompt_ids(tokenizer, item["prompt"], item.get("system")) for item in chunk]
             length = max(map(len, prompts))
             # Left padding, so every prompt ends where generation starts.
             ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
@@ -113,7 +150,8 @@ class GenerationTask:
 class MultipleChoiceTask:
     """Multiple choice by the summed log-likelihood of each choice after the prompt (MMLU style).
 
-    Each item: ``{"prompt": str, "choices": [str, ...], "label": int}``. Metric: ``acc``.
+    Each item: ``{"prompt": str, "choices": [str, ...], "label": int}`` and optionally ``"system"``
+    (as in :class:`GenerationTask`). Metric: ``acc``.
     """
 
     name: str
@@ -125,7 +163,7 @@ class MultipleChoiceTask:
         pad = pad_token_id(tokenizer)
         pairs = []  # (item index, choice index, prompt ids, choice ids)
         for i, item in enumerate(self.items):
-            prompt = _prompt_ids(tokenizer, item["prompt"])
+            prompt = _prompt_ids(tokenizer, item["prompt"], item.get("system"))
             for j, choice in enumerate(item["choices"]):
                 pairs.append((i, j, prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
         scores = torch.full((len(self.items), max((len(it["choices"]) for it in self.items), default=0)), -math.inf)
