@@ -203,3 +203,12 @@ def test_the_documented_examples_are_the_generators_output():
     page = (Path(__file__).resolve().parents[1] / "docs" / "real-domains.md").read_text()
     shown = page.split("<!-- examples:start -->\n")[1].split("<!-- examples:end -->")[0]
     assert shown == template_examples(0)
+
+
+def test_the_cli_sees_the_256_token_default():
+    # LightningCLI reads defaults from signatures: a default set on **kwargs inside __init__ would be
+    # overridden by ChatDataModule's 2048.
+    import inspect
+
+    assert inspect.signature(RealDomainDataModule).parameters["max_length"].default == 256
+    assert RealDomainDataModule(tokenizer_name_or_path=QUICKSTART_TOKENIZER).max_length == 256

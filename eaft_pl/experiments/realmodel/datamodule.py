@@ -43,8 +43,10 @@ class RealDomainDataModule(ChatDataModule):
             examples within 256 SmolLM2 tokens, two take about 250 on median.
         max_new_tokens: Generation budget of the domain suite; None takes the domain's default
             (192 for math, 80 for tools).
-        **kwargs: Options of :class:`~eaft_pl.data.ChatDataModule` (``tokenizer_name_or_path``,
-            ``max_length``, batch sizes, ...); ``max_length`` defaults to 256.
+        max_length: Truncate conversations to this many tokens (every example of the defaults fits
+            256 SmolLM2 tokens).
+        **kwargs: Options of :class:`~eaft_pl.data.ChatDataModule` (``tokenizer_name_or_path``, batch
+            sizes, ...).
     """
 
     def __init__(
@@ -56,10 +58,11 @@ class RealDomainDataModule(ChatDataModule):
         n_test: int = 100,
         tools_offered: int = 1,
         max_new_tokens: Optional[int] = None,
+        max_length: int = 256,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("max_length", 256)
-        super().__init__(**kwargs)
+        # max_length is a parameter here, not a default set on kwargs, so that the CLI shows and passes 256.
+        super().__init__(max_length=max_length, **kwargs)
         if domain not in DOMAINS:
             raise ValueError(f"data.init_args.domain must be one of {list(DOMAINS)}, got {domain!r}")
         for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
