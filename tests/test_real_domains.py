@@ -4,7 +4,10 @@ DataModule's batches and its domain suite (the scorers themselves: test_scorers.
 
 import json
 import operator
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,8 @@ from eaft_pl.experiments.realmodel.examples import template_examples
 from eaft_pl.experiments.realmodel.splits import disjoint_splits
 from eaft_pl.experiments.realmodel.tool_domain import CATALOGUE, call_text, check_arguments, system_prompt, tool_splits
 
-QUICKSTART_TOKENIZER = str(Path(__file__).resolve().parents[1] / "data" / "quickstart" / "tokenizer")
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_TOKENIZER = str(REPO / "data" / "quickstart" / "tokenizer")
 SPLITS = {"math": math_splits, "tools": tool_splits}
 
 
@@ -31,6 +35,22 @@ def test_the_generators_are_deterministic_per_seed(domain):
     assert make(3, 200, 20, 30) == make(3, 200, 20, 30)
     assert make(3, 200, 20, 30)["train"] != make(4, 200, 20, 30)["train"]
     assert make(3, 200, 20, 30)["test"] != make(4, 200, 20, 30)["test"]
+
+
+def test_the_generators_do_not_depend_on_the_process():
+    # String hashing is salted per process (PYTHONHASHSEED): a generator that iterated a set of strings
+    # would differ between two runs with the same seed.
+    code = (
+        "import json; from eaft_pl.experiments.realmodel.math_domain import math_splits, teacher_answer; "
+        "from eaft_pl.experiments.realmodel.tool_domain import tool_splits, call_text; "
+        "print(json.dumps([[teacher_answer(p) for p in math_splits(1, 30, 5, 5)['train']], "
+        "[call_text(p) for p in tool_splits(1, 30, 5, 5, 3)['train']], [p.tools for p in tool_splits(1, 30, 5, 5, 3)['train']]]))"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ, "PYTHONHASHSEED": h}).stdout
+        for h in ("1", "2")
+    ]
+    assert runs[0] == runs[1] and len(json.loads(runs[0])[0]) == 30
 
 
 @pytest.mark.parametrize("domain", ["math", "tools"])
@@ -200,7 +220,7 @@ def test_bad_options_name_the_key(kwargs, message):
 
 
 def test_the_documented_examples_are_the_generators_output():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "real-domains.md").read_text()
+    page = (REPO / "docs" / "real-domains.md").read_text()
     shown = page.split("<!-- examples:start -->\n")[1].split("<!-- examples:end -->")[0]
     assert shown == template_examples(0)
 
