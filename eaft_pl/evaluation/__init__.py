@@ -10,6 +10,7 @@ from eaft_pl._lazy import lazy_exports
 
 _LAZY = {
     "BaseAgreementTask": "eaft_pl.evaluation.agreement",
+    "FinalNumberScorer": "eaft_pl.evaluation.scorers",
     "ForgettingCallback": "eaft_pl.evaluation.forgetting",
     "GenerationTask": "eaft_pl.evaluation.tasks",
     "InstructionTask": "eaft_pl.evaluation.instructions",
@@ -17,6 +18,7 @@ _LAZY = {
     "MultipleChoiceTask": "eaft_pl.evaluation.tasks",
     "PerplexityTask": "eaft_pl.evaluation.tasks",
     "TextPerplexityTask": "eaft_pl.evaluation.tasks",
+    "ToolCallScorer": "eaft_pl.evaluation.scorers",
     "forgetting": "eaft_pl.evaluation.scores",
     "suite_averages": "eaft_pl.evaluation.scores",
 }
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from eaft_pl.evaluation.forgetting import ForgettingCallback
     from eaft_pl.evaluation.harness import LMEvalCallback
     from eaft_pl.evaluation.instructions import InstructionTask
+    from eaft_pl.evaluation.scorers import FinalNumberScorer, ToolCallScorer
     from eaft_pl.evaluation.scores import forgetting, suite_averages
     from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask, TextPerplexityTask
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from eaft_pl.data.chat import Conversation, EncodedExample, batch_to, collate, encode_conversation, pad_token_id
+from eaft_pl.evaluation.scorers import Scorer
 from eaft_pl.loss.stats import token_statistics
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "continuation_log_probs",
     "content_match",
     "decode_answer",
+    "exact_and_content",
     "greedy_answers",
     "normalise",
 ]
@@ -58,9 +60,18 @@ def content_match(output: str, answer: str, distractors: Sequence[str]) -> bool:
     return False
 
 
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> List[int]:
-    """The token ids of one user turn and the assistant's generation prompt (the chat template's)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+def exact_and_content(output: str, item: Mapping[str, Any]) -> Dict[str, float]:
+    """The default scorer of :class:`GenerationTask`: ``exact`` and ``content`` (see there)."""
+    exact = output in {normalise(r) for r in item["references"]}
+    return {"exact": float(exact), "content": float(content_match(output, item["answer"], item["distractors"]))}
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str, system: Optional[str] = None) -> List[int]:
+    """The token ids of one user turn (after ``system``, if given) and the assistant's generation
+    prompt, by the tokenizer's chat template. Without a system prompt of the item's own the template
+    adds its default one, if it has one, as it does for the training conversations."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -71,9 +82,12 @@ def _batches(items: Sequence[Any], size: int):
 
 @dataclass
 class GenerationTask:
-    """Greedy generation from a user prompt, scored two ways.
+    """Greedy generation from a user prompt, scored per item by ``scorer``.
 
-    Each item: ``{"prompt": str, "references": [str, ...], "answer": str, "distractors": [str, ...]}``.
+    Each item: ``{"prompt": str, ...}`` plus what the scorer reads, and optionally ``"system"``, a
+    system prompt put before the user turn (the tools a model may call, say). The default scorer
+    (:func:`exact_and_content`) reads ``{"references": [str, ...], "answer": str, "distractors":
+    [str, ...]}`` and gives two metrics:
 
     - ``exact``: the answer (whitespace-normalised) equals one of ``references``, format included,
       like IFEval-style strict scoring.
@@ -82,25 +96,43 @@ class GenerationTask:
       must be ``answer`` ("3 plus 4 is 7" answers 7, not 3). Without them, ``answer`` must occur in
       the output as a run of words that no other word of the answer extends on either side ("red
       red red" does not answer "red red").
+
+    Another scorer (:mod:`eaft_pl.evaluation.scorers`: the final number of a math answer, a parsed
+    tool call) gives its own metrics; each metric is the mean over the items.
+
+    Args:
+        name: The task's name in metric names.
+        items: The prompts and what the scorer compares with.
+        max_new_tokens: Generation stops after this many tokens (or at the end-of-turn token).
+        scorer: ``scorer(output, item) -> {metric: value}``; ``None`` is :func:`exact_and_content`.
     """
 
     name: str
     items: List[Dict[str, Any]]
     max_new_tokens: int = 12
+    scorer: Optional[Scorer] = None
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
-        outputs = self.generate(model, tokenizer, batch_size)
-        exact = content = 0
+        return self.score(self.generate(model, tokenizer, batch_size))
+
+    def score(self, outputs: Sequence[str]) -> Dict[str, float]:
+        """The mean of each of the scorer's metrics over the items, given their ``outputs`` in order."""
+        if len(outputs) != len(self.items):
+            raise ValueError(f"task {self.name!r}: {len(outputs)} outputs for {len(self.items)} items")
+        scorer = self.scorer or exact_and_content
+        totals: Dict[str, float] = {}
         for item, out in zip(self.items, outputs):
-            exact += out in {normalise(r) for r in item["references"]}
-            content += content_match(out, item["answer"], item["distractors"])
+            for metric, value in scorer(out, item).items():
+                totals[metric] = totals.get(metric, 0.0) + value
         n = max(len(self.items), 1)
-        return {"exact": exact / n, "content": content / n}
+        return {metric: total / n for metric, total in totals.items()}
 
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:
-        answers = greedy_answers(model, tokenizer, [item["prompt"] for item in self.items], self.max_new_tokens, batch_size)
+        prompts = [item["prompt"] for item in self.items]
+        systems = [item.get("system") for item in self.items]
+        answers = greedy_answers(model, tokenizer, prompts, self.max_new_tokens, batch_size, systems=systems)
         return [normalise(tokenizer.decode(_without_eos(row, tokenizer), skip_special_tokens=True)) for row in answers]
 
 
@@ -117,8 +149,16 @@ def decode_answer(tokenizer: Any, ids: List[int]) -> str:
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64) -> List[List[int]]:
-    """Greedy answers to user prompts (chat template applied), batched with left padding.
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    systems: Optional[Sequence[Optional[str]]] = None,
+) -> List[List[int]]:
+    """Greedy answers to user prompts (chat template applied, after each prompt's system prompt in
+    ``systems`` where one is given), batched with left padding.
 
     Returns:
         Each prompt's generated token ids, up to and including the first end-of-sequence token (an
@@ -126,11 +166,14 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_t
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if systems is not None and len(systems) != len(prompts):
+        raise ValueError(f"greedy_answers: {len(systems)} system prompts for {len(prompts)} prompts")
+    turns = list(zip(prompts, systems if systems is not None else [None] * len(prompts)))
     device = next(model.parameters()).device
     pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     answers: List[List[int]] = []
-    for chunk in _batches(list(prompts), batch_size):
-        encoded = [chat_prompt_ids(tokenizer, prompt) for prompt in chunk]
+    for chunk in _batches(turns, batch_size):
+        encoded = [chat_prompt_ids(tokenizer, prompt, system) for prompt, system in chunk]
         length = max(map(len, encoded))
         # Left padding, so every prompt ends where generation starts.
         ids = torch.tensor([[pad] * (length - len(p)) + p for p in encoded], device=device)
@@ -180,7 +223,8 @@ def continuation_log_probs(
 class MultipleChoiceTask:
     """Multiple choice by the summed log-likelihood of each choice after the prompt (MMLU style).
 
-    Each item: ``{"prompt": str, "choices": [str, ...], "label": int}``. Metric: ``acc``.
+    Each item: ``{"prompt": str, "choices": [str, ...], "label": int}`` and optionally ``"system"``
+    (as in :class:`GenerationTask`). Metric: ``acc``.
     """
 
     name: str
@@ -197,7 +241,7 @@ class MultipleChoiceTask:
         """The index of the choice the model finds likeliest, per item."""
         pairs, owners = [], []  # (prompt ids, choice ids), (item index, choice index)
         for i, item in enumerate(self.items):
-            prompt = chat_prompt_ids(tokenizer, item["prompt"])
+            prompt = chat_prompt_ids(tokenizer, item["prompt"], item.get("system"))
             for j, choice in enumerate(item["choices"]):
                 pairs.append((prompt, tokenizer(choice, add_special_tokens=False)["input_ids"]))
                 owners.append((i, j))
