@@ -24,6 +24,7 @@ SETUPS = {
     "quickstart": [SETUP / "quickstart.yaml"],
     "toy_pretrain": [SETUP / "toy_pretrain.yaml"],
     "toy_finetune": [SETUP / "toy_finetune.yaml"],
+    "smollm2_math": [SETUP / "smollm2_math.yaml"],
     **{d: [SETUP / "paper.yaml", SETUP / f"{d}.yaml"] for d in ("qwen3_4b_math", "qwen3_4b_medical", "qwen3_4b_agentic")},
 }
 METHODS = sorted(p.stem for p in METHOD.glob("*.yaml"))

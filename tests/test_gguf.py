@@ -10,6 +10,7 @@ temporary cache: skipped where the package is missing, a failure with ``EAFT_REQ
 import hashlib
 import importlib.util
 import json
+import math
 import os
 
 import numpy as np
@@ -364,3 +365,40 @@ def test_gemma3_270m_converts_to_the_same_logits_without_a_chat_template(tmp_pat
         torch.testing.assert_close(model(ids).logits, result["gguf_logits"], rtol=1e-5, atol=1e-4)
     assert not AutoTokenizer.from_pretrained(result["folder"]).chat_template
     assert json.loads((tmp_path / "cache" / result["folder"] / gg.MARKER).read_text())["chat_template"] is False
+
+
+def test_a_short_fit_of_the_real_model_logs_its_metrics_and_forgetting(smollm2_cache, tmp_path, monkeypatch):
+    """The shipped real-model setup end to end on SmolLM2 (2 EAFT steps on a handful of problems):
+    the loss statistics, the cohort, and the forgetting callback's scores of the base (step 0) and
+    after training reach MLflow, and the general suites score the base as a real model would."""
+    from mlflow import MlflowClient
+
+    from eaft_pl.cli import cli_main
+
+    monkeypatch.chdir(REPO)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cli_main([
+        "fit", "--config", "configs/setup/smollm2_math.yaml", "--config", "configs/method/eaft.yaml",
+        "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.tracking_uri={uri}",
+        "--trainer.callbacks.init_args.every_n_steps=2", "--trainer.callbacks.init_args.batch_size=4",
+        "--cohort.sample_size=4", "--cohort.every_n_steps=1",
+        "--data.init_args.n_train=4", "--data.init_args.n_val=2", "--data.init_args.n_test=2",
+        "--data.init_args.batch_size=2", "--data.init_args.max_new_tokens=8", "--model.init_args.learning_rate=1e-4",
+        '--data.init_args.general_sizes={"n_prose": 2, "prose_tokens": 32, "n_facts": 4, "n_agreement": 2, "agreement_tokens": 8}',
+    ])  # fmt: skip
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smollm2").experiment_id])
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "eaft"
+    for name in ("train/ce", "train/weight", "train/eaft_weight", "val/domain/ce", "cohort/conflict/weight"):
+        assert math.isfinite(metrics[name]), name
+    assert 0 < metrics["train/eaft_weight"] < 1  # a real model's entropies, not a degenerate gate
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/general/prose/ppl")}
+    assert sorted(history) == [0, 2]  # the base before the first step, then after step 2
+    assert 1 < history[0] < 1000  # SmolLM2 reads English prose: a perplexity far below its 49,152-token vocabulary
+    agreement = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/general/agreement/agree")}
+    assert agreement[0] == 1.0  # the base agrees with itself
+    for name in ("forgetting/general/ppl", "forgetting/general/acc", "forgetting/general/kl", "gain/domain/accuracy"):
+        assert name in metrics, name
+    assert metrics["forgetting/general/kl"] >= 0

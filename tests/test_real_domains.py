@@ -177,7 +177,7 @@ def test_the_same_seed_gives_the_same_conversations():
 
 @pytest.mark.parametrize("domain, metrics", [("math", {"accuracy", "answered", "style"}), ("tools", {"accuracy", "name", "parsed", "style"})])
 def test_the_domain_suite_scores_the_held_out_problems(domain, metrics):
-    dm = _module(domain)
+    dm = _module(domain, general=[])
     suites = dm.evaluation_suites()
     assert list(suites) == ["domain"]
     (task,) = suites["domain"]
@@ -187,6 +187,19 @@ def test_the_domain_suite_scores_the_held_out_problems(domain, metrics):
     # The teacher's own answers score 1 on every metric, in the form GenerationTask hands them over.
     answers = [teacher_answer(p) if domain == "math" else call_text(p) for p in dm.problems()["test"]]
     assert task.score([normalise(a) for a in answers]) == {m: 1.0 for m in metrics}
+
+
+def test_the_general_suite_is_built_from_the_options():
+    dm = _module("math", seed=3, general=["facts", "prose"], general_sizes={"n_facts": 5, "n_prose": 2, "prose_tokens": 16})
+    suites = dm.evaluation_suites()
+    assert list(suites) == ["general", "domain"]
+    facts, prose = suites["general"]
+    assert (facts.name, len(facts.items)) == ("facts", 5) and (prose.name, len(prose.texts), prose.max_length) == ("prose", 2, 16)
+    # Seeded like the domain, and built afresh at every call (the agreement task keeps its base).
+    assert facts.items == _module("math", seed=3, general=["facts"], general_sizes={"n_facts": 5}).general_suites()["general"][0].items
+    assert dm.general_suites()["general"][0] is not facts
+    with pytest.raises(ValueError, match=r"data.init_args.general names \['facs'\]"):
+        _module("math", general=["facs"])
 
 
 def test_general_suites_join_the_domain_suite():

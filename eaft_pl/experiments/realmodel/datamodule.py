@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from eaft_pl.data.chat import Conversation
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.evaluation.scorers import FinalNumberScorer, ToolCallScorer
 from eaft_pl.evaluation.tasks import GenerationTask
-from eaft_pl.experiments.realmodel import math_domain, tool_domain
+from eaft_pl.experiments.realmodel import general_suites as general_module, math_domain, tool_domain
 
 __all__ = ["RealDomainDataModule", "DOMAINS"]
 
@@ -30,8 +30,9 @@ class RealDomainDataModule(ChatDataModule):
 
     :meth:`evaluation_suites` gives the ``domain`` suite, one :class:`~eaft_pl.evaluation.GenerationTask`
     over the held-out problems, scored by their final number (math) or their parsed call (tools),
-    whatever the answer's style, with a ``style`` metric for the teacher's. General suites are added by
-    overriding :meth:`general_suites`.
+    whatever the answer's style, with a ``style`` metric for the teacher's, and the ``general`` suite of
+    skills a fine-tune can erode (:mod:`~eaft_pl.experiments.realmodel.general_suites`: prose
+    perplexity, world facts, agreement and KL with the base's own answers), seeded by ``seed`` too.
 
     Args:
         domain: ``math`` or ``tools``.
@@ -45,6 +46,12 @@ class RealDomainDataModule(ChatDataModule):
             (192 for math, 80 for tools).
         max_length: Truncate conversations to this many tokens (every example of the defaults fits
             256 SmolLM2 tokens).
+        general: The general tasks to score (of ``prose``, ``facts``, ``instructions``, ``agreement``);
+            an empty list scores the domain only.
+        general_sizes: Item counts and token budgets of the general tasks (``n_prose``, ``prose_tokens``,
+            ``n_facts``, ``n_agreement``, ``agreement_tokens``, ...; see
+            :func:`~eaft_pl.experiments.realmodel.general_suites.candidate_tasks`), which set the cost
+            of an evaluation pass.
         **kwargs: Options of :class:`~eaft_pl.data.ChatDataModule` (``tokenizer_name_or_path``, batch
             sizes, ...).
     """
@@ -59,6 +66,8 @@ class RealDomainDataModule(ChatDataModule):
         tools_offered: int = 1,
         max_new_tokens: Optional[int] = None,
         max_length: int = 256,
+        general: Sequence[str] = general_module.KEPT,
+        general_sizes: Optional[Dict[str, int]] = None,
         **kwargs: Any,
     ) -> None:
         # max_length is a parameter here, not a default set on kwargs, so that the CLI shows and passes 256.
@@ -78,6 +87,11 @@ class RealDomainDataModule(ChatDataModule):
         self.files = {"train": f"realmodel:{domain}:seed{seed}"}
         self._problems: Optional[Dict[str, List[Any]]] = None
         tool_domain.check_offered(tools_offered)
+        self.general = list(general)
+        self.general_sizes = dict(general_sizes or {})
+        unknown = [name for name in self.general if name not in general_module.CANDIDATES]
+        if unknown:
+            raise ValueError(f"data.init_args.general names {unknown}; choose among {list(general_module.CANDIDATES)}")
 
     def problems(self) -> Dict[str, List[Any]]:
         """The generated problems of every split (:class:`~eaft_pl.experiments.realmodel.math_domain.MathProblem`
@@ -124,9 +138,11 @@ class RealDomainDataModule(ChatDataModule):
         return GenerationTask(self.domain, self.eval_items(), max_new_tokens=self.max_new_tokens, scorer=scorer)
 
     def general_suites(self) -> Dict[str, List[Any]]:
-        """Suites of the base model's general skills, whose losses are the forgetting; none here.
-        Override it (or merge into :meth:`evaluation_suites`' result) to add them."""
-        return {}
+        """The ``general`` suite of the tasks named by ``general`` (fresh tasks at every call: the
+        agreement task takes its base at its first evaluation)."""
+        if not self.general:
+            return {}
+        return general_module.general_suites(self.seed, include=self.general, **self.general_sizes)
 
     def evaluation_suites(self) -> Dict[str, List[Any]]:
         """``{suite: [task, ...]}`` for :class:`~eaft_pl.evaluation.ForgettingCallback`: the general
