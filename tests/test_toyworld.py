@@ -191,8 +191,8 @@ def small_experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
     argv = [
-        "--out", str(out), "--tracking-uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft", "static_mask", "sft_kl",
-        "--steps", "8", "--eval-every", "4", "--pretrain-steps", "60", "--pretrain-examples", "4000",
+        "--out", str(out), "--tracking_uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft", "static_mask", "sft_kl",
+        "--steps", "8", "--eval_every", "4", "--pretrain_steps", "60", "--pretrain_examples", "4000",
         "--entities", "12",
     ]  # fmt: skip
     result = main(argv)
