@@ -30,11 +30,12 @@ META_KEYS = ("command", "commit", "date", "wall_s", "machine")
 def git_commit(cwd: Optional[str] = None) -> str:
     """``git rev-parse HEAD`` of the checkout at ``cwd`` (default: this package's), with ``-dirty``
     appended when tracked or untracked files differ from it; ``"unknown"`` outside a git checkout
-    (an installed wheel), so a stamp never fails for lack of git."""
+    (an installed wheel), so a stamp never fails for lack of git. ``docs/results/`` itself is left
+    out of the check: the results files are what a command writes, not what it runs."""
     where = cwd or str(Path(__file__).resolve().parents[1])
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!docs/results"], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
