@@ -300,3 +300,22 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
     opts.pretrain_steps = 20
     experiment.ensure_base(opts, 0)
     assert len(calls) == 2  # a different recipe retrains
+
+
+def test_the_committed_small_results_are_what_the_code_computes(small_experiment):
+    # docs/results/toyworld_small.json (shown on docs/toyworld.md) was written by `make results` with
+    # this fixture's configuration. Recomputing it here makes CI fail on a results file that the code
+    # no longer reproduces, digit for digit as printed (a docs page cannot differ from its file:
+    # tests/test_results.py).
+    import shlex
+
+    from conftest import REPO
+    from eaft_pl.experiments.toyworld.driver import _parser, recomputable
+    from eaft_pl.results import read_results
+
+    committed = read_results(REPO / "docs" / "results" / "toyworld_small.json")
+    paths = {"out", "tracking_uri", "results", "cohort_figure", "verbose"}
+    settings = lambda argv: {k: v for k, v in vars(_parser().parse_args(argv)).items() if k not in paths}  # noqa: E731
+    out, uri, result = small_experiment
+    assert settings(shlex.split(committed["meta"]["command"])[2:]) == settings(shlex.split(result["meta"]["command"])[2:])
+    assert recomputable(result) == recomputable(committed), "docs/results/toyworld_small.json is stale: run `make results`"

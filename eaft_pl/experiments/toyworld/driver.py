@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -80,13 +80,25 @@ def _cli(args: List[str], verbose: bool = False) -> Any:
         sys.argv = argv
 
 
-def _quiet(verbose: bool) -> Dict[str, int]:
-    """Raise the quiet loggers' levels unless ``verbose``; returns the old levels to restore."""
+def _quiet(verbose: bool) -> Callable[[], None]:
+    """Unless ``verbose``: raise the quiet loggers' levels and turn off transformers' "Loading weights"
+    bars (one per base loaded). Returns the function that restores both."""
+    from transformers.utils import logging as hf_logging
+
     old = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    bars = hf_logging.is_progress_bar_enabled()
     if not verbose:
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
-    return old
+        hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        for name, level in old.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return restore
 
 
 def _common(opts: argparse.Namespace, seed: int) -> List[str]:
@@ -397,7 +409,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ap.error(f"--threads must be at least 1, got {opts.threads}")
     command = shlex.join(["python", "scripts/embedded_experiment.py", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    threads, levels = torch.get_num_threads(), _quiet(opts.verbose)
+    threads, restore = torch.get_num_threads(), _quiet(opts.verbose)
     torch.set_num_threads(opts.threads)
     try:
         with warnings.catch_warnings():
@@ -408,8 +420,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             return _run(opts, methods, command)
     finally:
         torch.set_num_threads(threads)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+        restore()
 
 
 def _run(opts: argparse.Namespace, methods: List[str], command: str) -> Dict[str, Any]:
