@@ -417,6 +417,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 # Raised inside Lightning for every fit of a 5-batch epoch; nothing a user of the demo can change.
                 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
                 warnings.filterwarnings("ignore", message=r".*number of training batches .* is smaller than the logging interval.*")
+                # Lightning's own use of a torch API that torch deprecates, raised once per process.
+                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
             return _run(opts, methods, command)
     finally:
         torch.set_num_threads(threads)
