@@ -316,7 +316,7 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
 
     calls = []
 
-    def fake_cli(args):  # stands in for pretraining: records the call and writes the folder
+    def fake_cli(args, verbose=False):  # stands in for pretraining: records the call and writes the folder
         calls.append(args)
         os.makedirs(tmp_path / "base-seed0", exist_ok=True)
 
