@@ -11,7 +11,9 @@ that is this same file, see mkdocs.yml ``hooks:``) writes the value a results fi
 
 The key is a ``/``-separated path into the JSON; an optional Python format spec follows it
 (``.1%``, ``.0f``); the key ``stamp`` renders the file's ``meta`` (command, commit, date, machine,
-wall time) as one sentence. A missing file or key is an error, never an empty block.
+wall time) as one sentence. A missing key is an error, never an empty block. A missing file of
+:data:`PRODUCERS` (a long study not yet run for the current code) renders as a note naming the
+command that writes it; any other missing file is an error.
 
     python scripts/render_results.py           # rewrite README.md and docs/*.md in place
     python scripts/render_results.py --check   # exit 1 if any of them differs from its files (CI)
@@ -27,6 +29,13 @@ from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
+#: The command that writes each results file the docs show.
+PRODUCERS = {
+    "toyworld_demo": "make results",
+    "toyworld_small": "make results",
+    "toyworld_study": "make study",
+    "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
+}
 #: ``<!-- results:NAME KEY [FORMAT] -->old<!-- /results -->``; old may span lines.
 BLOCK = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) (?P<key>[^ >]+)(?: (?P<fmt>[^ >]+))? -->(?P<old>.*?)<!-- /results -->", re.S)
 
@@ -52,6 +61,8 @@ def describe_stamp(meta: Dict[str, Any]) -> str:
 
 def lookup(name: str, key: str, fmt: Optional[str], cache: Dict[str, Any]) -> str:
     """The text of one block: the value at ``key`` of results file ``name``, formatted by ``fmt``."""
+    if name in PRODUCERS and not (RESULTS / f"{name}.json").is_file():
+        return f"(not measured yet: `{PRODUCERS[name]}` writes `docs/results/{name}.json`)"
     data = _read(name, cache)
     if key == "stamp":
         return describe_stamp(data["meta"])
