@@ -61,8 +61,6 @@ def describe_stamp(meta: Dict[str, Any]) -> str:
 
 def lookup(name: str, key: str, fmt: Optional[str], cache: Dict[str, Any]) -> str:
     """The text of one block: the value at ``key`` of results file ``name``, formatted by ``fmt``."""
-    if name in PRODUCERS and not (RESULTS / f"{name}.json").is_file():
-        return f"(not measured yet: `{PRODUCERS[name]}` writes `docs/results/{name}.json`)"
     data = _read(name, cache)
     if key == "stamp":
         return describe_stamp(data["meta"])
@@ -86,16 +84,27 @@ def render(text: str, cache: Optional[Dict[str, Any]] = None, where: str = "") -
     cache = {} if cache is None else cache
 
     def fill(match: "re.Match[str]") -> str:
+        name = match["name"]
+        if name in PRODUCERS and not (RESULTS / f"{name}.json").is_file():
+            # Short inside a sentence or a table cell; a block says which file the command writes.
+            value = f"(not measured yet: `{PRODUCERS[name]}`)"
+            if "\n" in match["old"]:
+                value = f"*Not measured for the current code yet: `{PRODUCERS[name]}` writes `docs/results/{name}.json`.*"
+            return _wrap(match, value)
         try:
-            value = lookup(match["name"], match["key"], match["fmt"], cache)
+            value = lookup(name, match["key"], match["fmt"], cache)
         except (KeyError, TypeError, ValueError, FileNotFoundError) as err:
             raise SystemExit(f"{where}: {err}") from err
-        head = match.group(0).split("-->", 1)[0] + "-->"
-        # A block that spans lines keeps its own lines (tables); an inline block stays inline.
-        body = f"\n{value}\n" if "\n" in match["old"] or "\n" in value else value
-        return f"{head}{body}<!-- /results -->"
+        return _wrap(match, value)
 
     return BLOCK.sub(fill, text)
+
+
+def _wrap(match: "re.Match[str]", value: str) -> str:
+    head = match.group(0).split("-->", 1)[0] + "-->"
+    # A block that spans lines keeps its own lines (tables); an inline block stays inline.
+    body = f"\n{value}\n" if "\n" in match["old"] or "\n" in value else value
+    return f"{head}{body}<!-- /results -->"
 
 
 def targets() -> List[Path]:

@@ -82,7 +82,9 @@ def test_a_missing_key_or_file_is_an_error_not_an_empty_block(monkeypatch, tmp_p
         render_results.render("<!-- results:nope table -->x<!-- /results -->", where="p.md")
     # A known study whose file is not there yet says which command writes it.
     out = render_results.render("<!-- results:toyworld_study table -->\n<!-- /results -->")
-    assert "(not measured yet: `make study` writes `docs/results/toyworld_study.json`)" in out
+    assert "*Not measured for the current code yet: `make study` writes `docs/results/toyworld_study.json`.*" in out
+    out = render_results.render("| <!-- results:toyworld_study rows/sft@0.001/domain/mean .1% --><!-- /results --> |")
+    assert out.endswith("-->(not measured yet: `make study`)<!-- /results --> |")
 
 
 def test_the_check_fails_on_an_edited_number_and_passes_once_regenerated(monkeypatch, tmp_path):
