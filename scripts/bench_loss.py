@@ -6,7 +6,7 @@ masked as prompt), forward and backward down to the hidden states and the weight
 - ``lf``: a faithful re-implementation of LLaMA-Factory's ``eaft_loss_func`` on the full logits
   (``tests/reference_llamafactory.py``);
 - ``plain``: eaft-pl's plain path (``eaft_loss`` on the full logits);
-- ``chunked``: eaft-pl's chunked path (``chunked_gated_loss``, no full logits), at each ``--chunk-sizes``;
+- ``chunked``: eaft-pl's chunked path (``chunked_gated_loss``, no full logits), at each ``--chunk_sizes``;
 - ``ce``: plain ``F.cross_entropy`` SFT on the full logits, the speed floor.
 
 Each variant runs in its own process so that one's peak memory cannot hide in another's; peak memory
@@ -123,7 +123,7 @@ def worker(args) -> dict:
 
 
 def run_variant(args, variant: str, chunk_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--chunk-size", str(chunk_size)]
+    cmd = [sys.executable, __file__, "--worker", variant, "--chunk_size", str(chunk_size)]
     for name in ("vocab", "hidden", "tokens", "batch", "reps", "warmup", "seed", "threads"):  # not rounds
         cmd += [f"--{name}", str(getattr(args, name))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
@@ -163,14 +163,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="total tokens, split into --batch sequences")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=["lf", "plain", "chunked", "ce"])
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, each in fresh processes")
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk_size", type=int, default=1024, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokens % args.batch:
         parser.error("--tokens must be a multiple of --batch")

@@ -2,10 +2,10 @@
 
 A small Llama (random weights) is trained with ``EAFTModule.token_stats`` (the training step's loss,
 EAFT gate by default), ``loss = sum(w * CE) / tokens``, backward and ``AdamW.step`` over one epoch of
-the same conversations, once as padded batches of ``--batch-size`` conversations (``packing: false``)
-and once as batches of ``--batch-size`` packed rows of up to ``--max-length`` tokens (``packing:
+the same conversations, once as padded batches of ``--batch_size`` conversations (``packing: false``)
+and once as batches of ``--batch_size`` packed rows of up to ``--max_length`` tokens (``packing:
 true``, :mod:`eaft_pl.data.packing`). The conversations are synthetic token sequences whose lengths
-are drawn log-uniformly between ``--min-length`` and ``--max-length`` (long-tailed: most are short,
+are drawn log-uniformly between ``--min_length`` and ``--max_length`` (long-tailed: most are short,
 a few are long, as in chat SFT data); about the first third of each is an unsupervised prompt.
 
 Both variants start from the same weights and optimizer state each round and see the conversations
@@ -92,9 +92,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--examples", type=int, default=64)
-    p.add_argument("--min-length", type=int, default=20)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="conversations (unpacked) or rows (packed) per step")
+    p.add_argument("--min_length", type=int, default=20)
+    p.add_argument("--max_length", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8, help="conversations (unpacked) or rows (packed) per step")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gate", choices=["eaft", "sft"], default="eaft")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")

@@ -7,7 +7,7 @@ batches and the same AdamW settings:
 - ``sft``: ``EAFTModule(gate=SFTGate())`` fitted by ``lightning.Trainer`` (statistics and metrics on,
   as shipped; no logger, checkpointing or progress bar, whose cost depends on the disk and terminal);
 - ``eaft``: the same with ``EAFTGate()``;
-- ``eaft_chunked``: EAFT with ``chunk_size`` set (the memory-lean loss), when ``--chunk-size`` > 0.
+- ``eaft_chunked``: EAFT with ``chunk_size`` set (the memory-lean loss), when ``--chunk_size`` > 0.
 
 Each variant runs ``--warmup`` steps and then ``--steps`` timed steps; the variants take turns for
 ``--rounds`` rounds so that a slow spell of the shared machine hits them all. A ratio is taken within
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--chunk-size", type=int, default=0, help="also time EAFT with this chunk_size (0: off)")
+    parser.add_argument("--chunk_size", type=int, default=0, help="also time EAFT with this chunk_size (0: off)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also print each variant's most expensive operators")

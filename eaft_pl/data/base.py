@@ -122,8 +122,9 @@ class ChatDataModule(pl.LightningDataModule):
         tok = load_tokenizer(self.tokenizer_name_or_path, trust_remote_code=self.trust_remote_code)
         if self.chat_template is None and not getattr(tok, "chat_template", None):
             raise DataError(
-                f"the tokenizer at {self.tokenizer_name_or_path!r} has no chat template; set "
-                "data.init_args.chat_template to a Jinja template"
+                f"the tokenizer at {self.tokenizer_name_or_path!r} has no chat template (pretrained, not "
+                "instruction-tuned models such as gemma3-270m ship none); set data.init_args.chat_template to a "
+                "Jinja template"
             )
         if not getattr(tok, "is_fast", False):
             raise DataError(

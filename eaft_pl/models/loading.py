@@ -1,22 +1,40 @@
-"""Loading tokenizers and causal LMs from a local folder or a hub id, or building one from a config.
+"""Loading tokenizers and causal LMs from a local folder, a hub id, a GGUF file or the short name of an
+installed model package, or building one from a config.
 
 Nothing here downloads unless the user names a hub id and the machine is online; with
-``HF_HUB_OFFLINE=1`` a missing model fails at once with the library's own message.
+``HF_HUB_OFFLINE=1`` a missing model fails at once with the library's own message. GGUF files and
+short names go through :func:`eaft_pl.models.gguf.resolve_model_path`: converted once into a cached
+Hugging Face folder, which is what every load reads.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from eaft_pl.models.gguf import resolve_model_path, unknown_name_hint
+
 __all__ = ["load_tokenizer", "load_causal_lm", "build_causal_lm", "enable_gradient_checkpointing"]
 
 
+def _from_pretrained(load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
+    """``load(resolved folder or hub id, **kwargs)``; a bare name that fails to load gets the known
+    short names added to the error (a mistyped short name would otherwise read as a hub id)."""
+    try:
+        return load(resolve_model_path(name_or_path), **kwargs)
+    except OSError as err:
+        hint = unknown_name_hint(name_or_path)
+        if hint is None:
+            raise
+        raise OSError(f"{err}\n{hint}") from err
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` with remote code off unless asked for."""
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    """``AutoTokenizer.from_pretrained`` with remote code off unless asked for. A GGUF file or a model
+    package's short name loads from its converted folder (:func:`~eaft_pl.models.gguf.resolve_model_path`)."""
+    return _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -31,13 +49,15 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
 def load_causal_lm(
     name_or_path: str, torch_dtype: Optional[str] = None, trust_remote_code: bool = False, attn_implementation: Optional[str] = None
 ) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default."""
+    """``AutoModelForCausalLM.from_pretrained`` with an explicit dtype and remote code off by default. A
+    GGUF file or a model package's short name loads from its converted, float32 folder
+    (:func:`~eaft_pl.models.gguf.resolve_model_path`)."""
     kwargs: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = _dtype(torch_dtype) if torch_dtype != "auto" else "auto"
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, **kwargs)
 
 
 def build_causal_lm(config: Dict[str, Any], tokenizer: Any = None, torch_dtype: Optional[str] = None) -> Any:

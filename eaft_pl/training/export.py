@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -20,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from eaft_pl.fileio import atomic_directory
 from eaft_pl.tracking import mlflow_loggers
 from eaft_pl.training.lora import is_peft_model
 from eaft_pl.training.sharded import gather_full_model, refuse_unsupported_sharding
@@ -64,11 +63,9 @@ def export_hf_folder(
     if module.model is None:
         raise ValueError("export: the model is not built (call configure_model or build_model first)")
     private = model is not None and model is not module.model
-    output = Path(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        model = model if private else module.model
+    model = model if private else module.model
+
+    def write(tmp: Path) -> None:
         if is_peft_model(model):
             if save_adapter:  # before merging: a merged copy has no adapters left
                 model.save_pretrained(tmp / ADAPTER_SUBDIR)
@@ -78,11 +75,8 @@ def export_hf_folder(
                 raise ValueError("export: save_adapter needs a LoRA model (model.init_args.lora)")
             model.save_pretrained(tmp)
         module.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(output, ignore_errors=True)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    output = atomic_directory(Path(output_dir), write)
     return output
 
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-__all__ = ["ForgettingCallback", "Scores", "evaluate_suites", "forgetting_metrics"]
+from eaft_pl.evaluation.scores import Scores, forgetting, suite_averages
+from eaft_pl.evaluation.tasks import LOWER_IS_BETTER
 
-Scores = Dict[str, Dict[str, Dict[str, float]]]  # suite -> task -> metric -> value
+__all__ = ["ForgettingCallback", "Scores", "evaluate_suites", "forgetting_metrics"]
 
 
 def evaluate_suites(model: nn.Module, tokenizer: Any, suites: Mapping[str, Sequence[Any]], batch_size: int) -> Scores:
@@ -39,18 +40,6 @@ def evaluate_suites(model: nn.Module, tokenizer: Any, suites: Mapping[str, Seque
         model.train(was_training)
 
 
-def _suite_means(scores: Scores) -> Dict[str, Dict[str, float]]:
-    """``suite -> metric -> mean`` over the tasks of the suite that report the metric."""
-    out: Dict[str, Dict[str, float]] = {}
-    for suite, tasks in scores.items():
-        values: Dict[str, List[float]] = {}
-        for metrics in tasks.values():
-            for metric, value in metrics.items():
-                values.setdefault(metric, []).append(value)
-        out[suite] = {metric: sum(v) / len(v) for metric, v in values.items()}
-    return out
-
-
 def forgetting_metrics(
     base: Scores, current: Scores, domain_suites: Collection[str] = ("domain",), lower_is_better: Optional[Collection[str]] = None
 ) -> Dict[str, float]:
@@ -65,21 +54,19 @@ def forgetting_metrics(
     ``eaft_pl.evaluation.tasks.LOWER_IS_BETTER``: ``ce``, ``ppl`` and lm-eval's perplexities).
     """
     if lower_is_better is None:
-        # Imported when first needed: it runs eaft_pl.evaluation's __init__, which loads the Lightning
-        # callbacks; the package's tasks themselves import it the same way.
-        from eaft_pl.evaluation.tasks import LOWER_IS_BETTER as lower_is_better
+        lower_is_better = LOWER_IS_BETTER
     out: Dict[str, float] = {}
     for suite, tasks in current.items():
         for task, values in tasks.items():
             out.update({f"val/{suite}/{task}/{metric}": value for metric, value in values.items()})
-    base_means = _suite_means(base)
-    for suite, means in _suite_means(current).items():
+    base_means = suite_averages(base)
+    for suite, means in suite_averages(current).items():
         for metric, value in means.items():
             out[f"val/{suite}/avg/{metric}"] = value
             reference = base_means.get(suite, {}).get(metric)
             if reference is None:
                 continue
-            worse = reference - value if metric not in lower_is_better else value - reference
+            worse = forgetting(reference, value, metric, lower_is_better=metric in lower_is_better)
             if suite in domain_suites:
                 out[f"gain/{suite}/{metric}"] = -worse
             else:

