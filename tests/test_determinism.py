@@ -3,6 +3,7 @@ more with the pretraining stopped by SIGTERM and resumed, log the same value for
 every step (equality, not closeness). The docs' results files rely on it: a results file is only
 worth committing if the same command reproduces it (tests/test_toyworld.py recomputes one)."""
 
+import math
 import signal
 from typing import Dict, List, Tuple
 
@@ -53,7 +54,9 @@ def metrics(root) -> Dict[Tuple[str, str], List[Tuple[int, float]]]:
         (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         for key in run.data.metrics:
             if not any(t in key for t in TIMING):
-                out[(experiment, key)] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                # NaN (a cohort with no member) is never equal to itself: compared as the string "nan".
+                history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                out[(experiment, key)] = [(step, "nan" if math.isnan(value) else value) for step, value in history]
     return out
 
 
