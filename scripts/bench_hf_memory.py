@@ -18,7 +18,8 @@ Usage::
     python scripts/bench_hf_memory.py                       # V=151,936, 4 x 256 tokens, CPU
     python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json
 
-Prints one JSON object (commit, command, machine, versions, each variant's peak, the ratios).
+Prints one JSON object: the stamp of :mod:`eaft_pl.results` (command, commit, date, wall time, machine),
+each variant's peak and the ratios; ``--out`` writes it as a results file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
+
+from eaft_pl.results import stamp, write_results  # noqa: E402
 VARIANTS = ("full", "lean")
 
 
@@ -112,24 +115,6 @@ def run_variant(args, variant: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def provenance(argv) -> dict:
-    """Commit, command, machine and versions, so that the numbers can be traced and rerun."""
-    import torch
-    import transformers
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=REPO).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "eaft_pl", "scripts")),
-        "command": " ".join(["python", "scripts/bench_hf_memory.py", *argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},  # fmt: skip
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-    }
-
-
 def summarise(args, results: dict) -> dict:
     key = "peak_cuda_allocated_mb" if "peak_cuda_allocated_mb" in results["full"] else "peak_rss_mb"
     ratios = {f"{key}_full_over_lean": round(results["full"][key] / results["lean"][key], 2)}
@@ -161,12 +146,12 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)), flush=True)
         return
     visible = sys.argv[1:] if argv is None else list(argv)
-    report = {**provenance(visible), **summarise(args, {v: run_variant(args, v) for v in VARIANTS})}
-    text = json.dumps(report, indent=2)
-    print(text)
+    start = time.time()
+    report = summarise(args, {v: run_variant(args, v) for v in VARIANTS})
+    meta = stamp(" ".join(["python", "scripts/bench_hf_memory.py", *visible]), time.time() - start)
+    print(json.dumps({"meta": meta, **report}, indent=2))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_results(args.out, report, meta)
 
 
 if __name__ == "__main__":

@@ -186,22 +186,50 @@ def test_forgetting_signs_and_suite_averages():
 
 @pytest.fixture(scope="module")
 def small_experiment(tmp_path_factory):
-    from eaft_pl.experiments.toyworld.driver import main
+    # In a subprocess, as a user runs it, so that the test below sees the whole output (Lightning's
+    # loggers write to the stream they were created with, which an in-process capture would miss).
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from eaft_pl.results import read_results
 
     out = tmp_path_factory.mktemp("toy")
     uri = f"sqlite:///{out}/mlruns/mlflow.db"
     argv = [
-        "--out", str(out), "--tracking-uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft", "static_mask", "sft_kl",
-        "--steps", "8", "--eval-every", "4", "--pretrain-steps", "60", "--pretrain-examples", "4000",
+        "--out", str(out), "--tracking_uri", uri, "--seeds", "0", "1", "--methods", "sft", "eaft", "static_mask", "sft_kl",
+        "--steps", "8", "--eval_every", "4", "--pretrain_steps", "60", "--pretrain_examples", "4000",
         "--entities", "12",
     ]  # fmt: skip
-    result = main(argv)
-    return out, uri, result
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "scripts/embedded_experiment.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, uri, {**read_results(Path(out) / "results.json"), "output": done.stdout + done.stderr}
 
 
-def test_the_experiment_writes_a_results_table(small_experiment, capsys):
+def test_the_output_is_one_line_per_run_then_the_table_and_where_to_look(small_experiment):
+    # No device banners, model summaries, progress bars or warnings a user cannot act on (--verbose
+    # brings Lightning's back): a line per base and per run, the table, the paths, the MLflow command.
+    out, uri, result = small_experiment
+    output = result["output"]
+    lines = output.splitlines()
+    for noise in ("GPU available", "| Name", "Loading weights", "it/s]", "Seed set to", "Warning", "site-packages", "Tip:"):
+        assert not any(noise in line for line in lines), (noise, output)
+    assert sum(line.startswith("[base] world ") for line in lines) == 2
+    assert [line.split("]")[0] for line in lines if line.startswith("[") and "/8]" in line] == [f"[{i}/8" for i in range(1, 9)]
+    assert result["table"] in output
+    assert f"results: {out}/results.json" in lines
+    assert lines[-1].endswith(f"ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1")
+    assert len(lines) == 2 + 8 + len(result["table"].splitlines()) + 8  # blank lines, conflicts, paths, time, UI
+
+
+def test_the_experiment_writes_a_results_table(small_experiment):
     out, _, result = small_experiment
     saved = json.loads((Path(out) / "results.json").read_text())
+    assert saved["meta"]["machine"]["threads"] == 2  # pinned by the driver, whatever the machine has
     assert set(saved["rows"]) == {"sft@0.001", "eaft@0.001", "static_mask@0.001", "sft_kl@0.001"}
     for row in saved["rows"].values():
         assert row["seeds"] == [0, 1] and len(row["run_ids"]) == 2
@@ -288,7 +316,7 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
 
     calls = []
 
-    def fake_cli(args):  # stands in for pretraining: records the call and writes the folder
+    def fake_cli(args, verbose=False):  # stands in for pretraining: records the call and writes the folder
         calls.append(args)
         os.makedirs(tmp_path / "base-seed0", exist_ok=True)
 
@@ -300,3 +328,22 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
     opts.pretrain_steps = 20
     experiment.ensure_base(opts, 0)
     assert len(calls) == 2  # a different recipe retrains
+
+
+def test_the_committed_small_results_are_what_the_code_computes(small_experiment):
+    # docs/results/toyworld_small.json (shown on docs/toyworld.md) was written by `make results` with
+    # this fixture's configuration. Recomputing it here makes CI fail on a results file that the code
+    # no longer reproduces, digit for digit as printed (a docs page cannot differ from its file:
+    # tests/test_results.py).
+    import shlex
+
+    from conftest import REPO
+    from eaft_pl.experiments.toyworld.driver import _parser, recomputable
+    from eaft_pl.results import read_results
+
+    committed = read_results(REPO / "docs" / "results" / "toyworld_small.json")
+    paths = {"out", "tracking_uri", "results", "cohort_figure", "verbose"}
+    settings = lambda argv: {k: v for k, v in vars(_parser().parse_args(argv)).items() if k not in paths}  # noqa: E731
+    out, uri, result = small_experiment
+    assert settings(shlex.split(committed["meta"]["command"])[2:]) == settings(shlex.split(result["meta"]["command"])[2:])
+    assert recomputable(result) == recomputable(committed), "docs/results/toyworld_small.json is stale: run `make results`"

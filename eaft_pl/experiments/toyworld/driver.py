@@ -5,8 +5,11 @@ gain and general forgetting in the paper's Table 1 layout.
     python scripts/embedded_experiment.py [--seeds 0 1 2] [--methods sft eaft ...] [--lrs 3e-4 ...]
 
 Every fine-tuning run is an MLflow run (experiment ``toyworld``); the summary is printed and written
-as JSON (per method and learning rate: domain score, general average and forgetting as mean and
-standard deviation over seeds, the seeds, and the wall time).
+as a results file (:mod:`eaft_pl.results`: per method and learning rate, domain score, general
+average and forgetting as mean and standard deviation over seeds, the printed table, and the stamp
+of command, commit and machine). The output is one line per run, then the table, the paths of the
+results file and figures, and the command that opens the MLflow UI on the runs; ``--verbose`` brings
+back Lightning's own output (device banners, model summaries, progress bars).
 """
 
 from __future__ import annotations
@@ -14,14 +17,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
+import shlex
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from eaft_pl.results import stamp, write_results
 
 # Package data, so an installed wheel finds them: the world's two setups and the shared method overlays.
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -38,20 +47,58 @@ COHORT_PANELS = ["weight", "label_prob", "norm_entropy", "share_in_conflict"]
 GENERAL_TASKS = ["colour", "city", "arithmetic", "reverse", "repeat"]
 DOMAIN_MATCH = 0.9  # "learned the domain": style-agnostic domain accuracy at least this
 
-__all__ = ["main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table", "cohort_curves", "cohort_figure"]
+#: The torch thread count of every run unless --threads says otherwise. The thread count changes the
+#: order of float reductions and so the numbers; a pinned count makes a run repeat on any machine of
+#: the same kind (2 is the cores of the machines this project is built on).
+THREADS = 2
+#: Loggers whose INFO lines (device banners, "Seed set to", the LitLogger tip, MLflow creating its
+#: tables or an experiment) tell a user of the demo nothing to act on; --verbose keeps them.
+QUIET_LOGGERS = {
+    "lightning.pytorch.utilities.rank_zero": logging.WARNING,
+    "lightning.fabric.utilities.seed": logging.WARNING,
+    "lightning.pytorch.loggers.mlflow": logging.ERROR,
+    "mlflow.store.db.utils": logging.WARNING,
+    "alembic.runtime.migration": logging.WARNING,
+}
+
+__all__ = [
+    "main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table", "conflicts_line",
+    "cohort_curves", "cohort_figure", "recomputable",
+]  # fmt: skip
 
 
-def _cli(args: List[str]) -> Any:
-    import sys
-
+def _cli(args: List[str], verbose: bool = False) -> Any:
     from eaft_pl.cli import cli_main
 
+    if not verbose:  # the driver prints one line per run instead
+        args = [*args, "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     # LightningCLI warns when sys.argv holds arguments besides `args`: here they are this script's own.
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         return cli_main(args)
     finally:
         sys.argv = argv
+
+
+def _quiet(verbose: bool) -> Callable[[], None]:
+    """Unless ``verbose``: raise the quiet loggers' levels and turn off transformers' "Loading weights"
+    bars (one per base loaded). Returns the function that restores both."""
+    from transformers.utils import logging as hf_logging
+
+    old = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    bars = hf_logging.is_progress_bar_enabled()
+    if not verbose:
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        for name, level in old.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return restore
 
 
 def _common(opts: argparse.Namespace, seed: int) -> List[str]:
@@ -79,33 +126,40 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     marker = Path(path) / "eaft_pl_recipe.txt"
     if marker.is_file() and marker.read_text() == key:
-        print(f"[base] seed {seed}: cached at {path}", flush=True)
+        print(f"[base] world {seed}: cached at {path}", flush=True)
         return path
-    print(f"[base] seed {seed}: pretraining ({opts.pretrain_steps} steps) -> {path}", flush=True)
+    print(f"[base] world {seed}: pretraining {opts.pretrain_steps} steps ...", end=" ", flush=True)
+    start = time.time()
     _cli(
         ["fit", "--config", str(PRETRAIN), *_common(opts, seed),
          f"--trainer.max_steps={opts.pretrain_steps}", f"--data.init_args.n_pretrain={opts.pretrain_examples}",
-         f"--trainer.callbacks.init_args.dirpath={path}", f"--trainer.val_check_interval={max(1, opts.pretrain_steps // 3)}"]
+         f"--trainer.callbacks.init_args.dirpath={path}", f"--trainer.val_check_interval={max(1, opts.pretrain_steps // 3)}"],
+        getattr(opts, "verbose", False),
     )  # fmt: skip
     marker.write_text(key)
+    print(f"{time.time() - start:.0f} s -> {path}", flush=True)
     return path
 
 
-def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dict[str, Any]:
-    """One fine-tuning run; returns the forgetting and cohort callbacks' histories, the reference
-    pass's time and the run's identity."""
+def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float, order_seed: Optional[int] = None) -> Dict[str, Any]:
+    """One fine-tuning run of the base of world ``seed``; ``order_seed`` (default: ``seed``) seeds
+    the run itself (``seed_everything``: the order of the domain data). Returns the forgetting and
+    cohort callbacks' histories, the reference pass's time and the run's identity."""
     from eaft_pl.evaluation.cohort import ConflictCohortCallback
     from eaft_pl.evaluation import ForgettingCallback
 
     start = time.time()
-    name = f"{method}-lr{lr:g}-seed{seed}"
+    order_seed = seed if order_seed is None else order_seed
+    name = f"{method}-lr{lr:g}-seed{seed}" + (f"-order{order_seed}" if order_seed != seed else "")
     cli = _cli(
         ["fit", "--config", str(FINETUNE), "--config", str(METHODS / f"{method}.yaml"),
-         *_common(opts, seed), f"--model.init_args.model_name_or_path={opts.out}/base-seed{seed}",
+         *_common(opts, seed), f"--seed_everything={order_seed}",
+         f"--model.init_args.model_name_or_path={opts.out}/base-seed{seed}",
          f"--model.init_args.learning_rate={lr}", f"--trainer.max_steps={opts.steps}",
          f"--trainer.logger.init_args.run_name={name}",
          f"--trainer.callbacks.init_args.every_n_steps={opts.eval_every}", f"--cohort.every_n_steps={opts.eval_every}",
-         f"--model.init_args.reference_cache_dir={opts.out}/reference_cache"]
+         f"--model.init_args.reference_cache_dir={opts.out}/reference_cache"],
+        getattr(opts, "verbose", False),
     )  # fmt: skip
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ForgettingCallback))
     cohort = next(c for c in cli.trainer.callbacks if isinstance(c, ConflictCohortCallback))
@@ -113,6 +167,7 @@ def finetune(opts: argparse.Namespace, seed: int, method: str, lr: float) -> Dic
         "method": method,
         "lr": lr,
         "seed": seed,
+        "order_seed": order_seed,
         "run_id": cli.trainer.logger.run_id,
         "wall_s": time.time() - start,
         "history": callback.history,
@@ -215,7 +270,10 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         for r in members:
             learned = [s["general"] for s in map(_scores, r["history"]) if s["domain"] >= DOMAIN_MATCH]
             matched.append(max(learned) if learned else float("nan"))
-        row = {"method": members[0]["method"], "lr": members[0]["lr"], "seeds": [r["seed"] for r in members]}
+        row = {
+            "method": members[0]["method"], "lr": members[0]["lr"], "seeds": [r["seed"] for r in members],
+            "order_seeds": [r.get("order_seed", r["seed"]) for r in members],
+        }  # fmt: skip
         for name in final[0]:
             row[name] = _mean_std([f[name] for f in final])
         row["base_general"] = _mean_std([b["general"] for b in base])
@@ -291,70 +349,128 @@ def format_table(rows: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def conflicts_line(mechanism: Dict[str, Any]) -> str:
+    """The printed summary of :func:`conflict_statistics` over the worlds: the share of answer tokens
+    that are confident conflicts under the base, overall and per token role (mean over worlds)."""
+    shares = [m["conflict_share"] for m in mechanism.values()]
+    return f"Confident conflicts in the domain data under the base: {statistics.fmean(shares):.1%} of answer tokens; " + ", ".join(
+        f"{role} {statistics.fmean(m['by_role'][role]['conflict_share'] for m in mechanism.values()):.0%} of its tokens"
+        for role in ("style", "content", "contradiction")
+    )
+
+
+def recomputable(result: Dict[str, Any]) -> Dict[str, Any]:
+    """What a rerun of the same command must reproduce digit for digit: the printed table and
+    conflict summary (timings, run ids and paths differ from run to run)."""
+    return {"table": result["table"], "conflicts": result["conflicts"]}
+
+
+def _ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on the store ``uri``, runnable from any directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    mlflow = Path(sys.executable).parent / "mlflow"
+    exe = str(mlflow) if mlflow.is_file() else "mlflow"
+    return f"{shlex.quote(exe)} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --workers 1"
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="The embedded EAFT experiment on the synthetic world.")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="worlds: each seed is a world and its own base")
+    ap.add_argument(
+        "--order_seeds", type=int, nargs="+", default=None,
+        help="seeds of the fine-tuning runs themselves (the domain data's order) on each world's base (default: the world's seed)",
+    )  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=["sft", "eaft"], help=f"any of {ALL_METHODS}, or 'all'")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--steps", type=int, default=200, help="fine-tuning optimizer steps")
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--pretrain-examples", type=int, default=96000)
+    ap.add_argument("--eval_every", type=int, default=25)
+    ap.add_argument("--pretrain_steps", type=int, default=1500)
+    ap.add_argument("--pretrain_examples", type=int, default=96000)
     ap.add_argument("--entities", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of every run (pinned: the count changes the numbers)")
     ap.add_argument("--out", default="outputs/toyworld", help="bases, tokenizer and results")
-    ap.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
-    ap.add_argument("--results", default=None, help="JSON path (default <out>/results.json)")
-    ap.add_argument("--cohort-figure", default=None, help="PNG of the conflict cohort's curves (default <results>-cohort-lr<lr>.png)")
+    ap.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db")
+    ap.add_argument("--results", default=None, help="results file (default <out>/results.json)")
+    ap.add_argument("--cohort_figure", default=None, help="PNG of the conflict cohort's curves (default <results>-cohort-lr<lr>.png)")
+    ap.add_argument("--verbose", action="store_true", help="Lightning's own output: device banners, model summaries, progress bars")
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the experiment (options: ``--help``) and return what it wrote to the results file."""
+    ap = _parser()
     opts = ap.parse_args(argv)
     methods = ALL_METHODS if opts.methods == ["all"] else opts.methods
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    if opts.threads < 1:
+        ap.error(f"--threads must be at least 1, got {opts.threads}")
+    command = shlex.join(["python", "scripts/embedded_experiment.py", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads, restore = torch.get_num_threads(), _quiet(opts.verbose)
+    torch.set_num_threads(opts.threads)
+    try:
+        with warnings.catch_warnings():
+            if not opts.verbose:
+                # Raised inside Lightning for every fit of a 5-batch epoch; nothing a user of the demo can change.
+                warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+                warnings.filterwarnings("ignore", message=r".*number of training batches .* is smaller than the logging interval.*")
+                # Lightning's own use of a torch API that torch deprecates, raised once per process.
+                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            return _run(opts, methods, command)
+    finally:
+        torch.set_num_threads(threads)
+        restore()
+
+
+def _run(opts: argparse.Namespace, methods: List[str], command: str) -> Dict[str, Any]:
     start = time.time()
     Path(opts.out).mkdir(parents=True, exist_ok=True)
-    runs, mechanism = [], {}
+    runs: List[Dict[str, Any]] = []
+    mechanism: Dict[int, Any] = {}
     path = opts.results or f"{opts.out}/results.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    total = len(opts.seeds) * len(opts.order_seeds or [None]) * len(opts.lrs) * len(methods)
     for seed in opts.seeds:
         ensure_base(opts, seed)
         mechanism[seed] = conflict_statistics(opts, seed)
-        for lr in opts.lrs:
-            for method in methods:
-                print(f"[finetune] {method} lr={lr:g} seed={seed}", flush=True)
-                runs.append(finetune(opts, seed, method, lr))
-                # Rewritten after every run: a sweep stopped early still leaves the summary of what ran.
-                result = {
-                    "settings": vars(opts) | {"methods": methods},
-                    "rows": summarise(runs),
-                    "mechanism": {str(k): v for k, v in mechanism.items()},
-                    "wall_s": time.time() - start,
-                    "complete": len(runs) == len(opts.seeds) * len(opts.lrs) * len(methods),
-                }
-                Path(path).write_text(json.dumps(result, indent=2))
-    rows = result["rows"]
-    table = format_table(rows)
+        for order in opts.order_seeds or [seed]:
+            for lr in opts.lrs:
+                for method in methods:
+                    run = finetune(opts, seed, method, lr, order)
+                    runs.append(run)
+                    final, base = _scores(run["history"][-1]), _scores(run["history"][0])
+                    print(
+                        f"[{len(runs)}/{total}] {method} lr={lr:g} world {seed} order {order}: domain {final['domain']:.1%}, "
+                        f"general {final['general']:.1%} (base {base['general']:.1%}), {run['wall_s']:.0f} s",
+                        flush=True,
+                    )
+                    # Rewritten after every run: a sweep stopped early still leaves the summary of what ran.
+                    rows = summarise(runs)
+                    result = {
+                        "settings": vars(opts) | {"methods": methods},
+                        "table": format_table(rows),
+                        "conflicts": conflicts_line({str(k): v for k, v in mechanism.items()}),
+                        "rows": rows,
+                        "mechanism": {str(k): v for k, v in mechanism.items()},
+                        "complete": len(runs) == total,
+                    }
+                    write_results(path, result, stamp(command, time.time() - start))
     from eaft_pl.analysis.plots import save_figure
 
+    figures = []
     for lr in opts.lrs:
         if opts.cohort_figure is None:
             figure = str(Path(path).with_suffix("")) + f"-cohort-lr{lr:g}.png"
         else:
             figure = opts.cohort_figure if len(opts.lrs) == 1 else opts.cohort_figure.replace(".png", f"-lr{lr:g}.png")
         save_figure(cohort_figure(rows, lr), figure)
-    print("\n" + table)
-    shares = [m["conflict_share"] for m in mechanism.values()]
-    print(
-        f"\nConfident conflicts in the domain data under the base: {statistics.fmean(shares):.1%} of answer tokens; "
-        + ", ".join(
-            f"{role} {statistics.fmean(m['by_role'][role]['conflict_share'] for m in mechanism.values()):.0%} of its tokens"
-            for role in ("style", "content", "contradiction")
-        )
-    )
-    print("\nCost per run (mean over seeds): " + "; ".join(
-        f"{r['method']}@{r['lr']:g} {r['wall_s']['mean']:.1f} s, cohort {r['cohort_s']['mean']:.2f} s"
-        + (f", reference pass {r['reference_s']['mean']:.2f} s" if r["reference_s"]["n"] else "")
-        for r in rows.values()
-    ))  # fmt: skip
-    print(f"results: {path}  (wall time {result['wall_s']:.0f} s)")
-    return result
+        figures.append(figure)
+    wall = time.time() - start
+    meta = stamp(command, wall)
+    write_results(path, result, meta)  # once more: the stamp's wall time now includes the figures
+    print("\n" + result["table"] + "\n\n" + result["conflicts"])
+    print(f"\nresults: {path}\nfigures: {', '.join(figures)}\nwall time: {wall:.0f} s")
+    print(f"runs (MLflow experiment 'toyworld'): {_ui_command(opts.tracking_uri)}")
+    return {"meta": meta, **result}
