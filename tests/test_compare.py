@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 
 from eaft_pl.fileio import atomic_write
 from eaft_pl.analysis.compare import (
-    RunScores, Selection, format_markdown, group_runs, lm_eval_score, load_lm_eval_runs, load_runs, main, pareto_points,
+    SEED_PART, RunScores, Selection, format_markdown, group_runs, lm_eval_score, load_lm_eval_runs, load_runs, main, pareto_points,
     read_lm_eval_results, read_metrics_csv,
 )
 from eaft_pl.analysis.plots import pareto_front
@@ -306,3 +306,10 @@ def test_lm_eval_files_name_missing_tasks_and_metrics(tmp_path):
         lm_eval_score(table, "job", "exact_match", path)
     with pytest.raises(ValueError, match="--lm_eval_general_tasks"):
         load_lm_eval_runs([str(path)], str(path), ["job"], [], Selection())
+
+
+def test_the_name_key_strips_world_seeds_and_data_orders():
+    # The demo names runs <method>-lr<lr>-seed<world>-order<k>: its 3 orders are one row.
+    names = ["eaft-lr0.001-seed0-order0", "eaft-lr0.001-seed0-order1", "eaft-lr0.001-seed1", "eaft_lr0.001_order_2"]
+    assert {SEED_PART.sub("", n) for n in names} == {"eaft-lr0.001", "eaft_lr0.001"}
+    assert SEED_PART.sub("", "border-lr0.001") == "border-lr0.001"  # no number after it: not an order part

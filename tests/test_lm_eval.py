@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from conftest import REPO, TINY_LLAMA
 from eaft_pl import ChatJsonlDataModule, EAFTModule
-from eaft_pl.evaluation import ForgettingCallback, LMEvalCallback, forgetting
+from eaft_pl.evaluation import ForgettingCallback, LMEvalCallback
+from eaft_pl.evaluation.scores import forgetting
 from eaft_pl.evaluation.harness import scores_record
 from eaft_pl.evaluation.harness_results import (
     lower_is_better,

@@ -117,3 +117,11 @@ def test_generation_task_keeps_exact_and_content_by_default():
     items = [{"prompt": "p", "references": ["it is red ."], "answer": "red", "distractors": ["blue"]}]
     assert GenerationTask("colour", items).score(["it is red ."]) == {"exact": 1.0, "content": 1.0}
     assert GenerationTask("colour", items).score(["red it is ."]) == {"exact": 0.0, "content": 1.0}
+
+
+def test_a_task_without_items_or_with_uneven_metrics_is_refused():
+    with pytest.raises(ValueError, match="GenerationTask 'empty': no items"):
+        GenerationTask("empty", [])
+    uneven = GenerationTask("uneven", [{"prompt": "a"}, {"prompt": "b"}], scorer=lambda out, item: {"x": 1.0} if item["prompt"] == "a" else {})
+    with pytest.raises(ValueError, match=r"task 'uneven': the scorer gave metrics \[\] for item 1 but \['x'\]"):
+        uneven.score(["1", "2"])

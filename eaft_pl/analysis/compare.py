@@ -14,7 +14,7 @@ logs it reads the scores :class:`~eaft_pl.evaluation.ForgettingCallback` (or
 suite and a general suite: the value at the first logged step is the base model's (the callback
 scores it before the first update), the latest value is the fine-tuned model's. An lm-eval results
 file is one fine-tuned model, compared with the ``--lm_eval_base`` file of the model it started from.
-Runs are grouped by their name without its ``seed<N>`` part (the embedded experiment names runs
+Runs are grouped by their name without its ``seed<N>`` and ``order<N>`` parts (the embedded experiment names runs
 ``<method>-lr<lr>-seed<seed>``) or by tags and params (``--group_by tags.gate
 params.learning_rate``), so runs that differ only in their seed form one row, shown as mean ±
 standard deviation. One row per group:
@@ -79,7 +79,7 @@ class LoggedRun:
 
     Attributes:
         run_id: MLflow run id, or the folder or file the run was read from.
-        name: Run name (the ``name`` grouping key strips its ``seed<N>`` part).
+        name: Run name (the ``name`` grouping key strips its ``seed<N>`` and ``order<N>`` parts).
         tags: Run tags (MLflow tags; ``tags.json`` of a log folder).
         params: Run params (MLflow params; the top-level entries of a log folder's ``hparams.yaml``).
         metrics: The names of the metrics the run logged.
@@ -108,8 +108,9 @@ class Selection:
         return f"val/{self.domain_suite}/<task>/{self.domain_metric} and val/{self.general_suite}/<task>/{self.general_metric}"
 
 
-#: The seed part of a run name (``eaft-lr0.001-seed2``), removed by the ``name`` grouping key.
-SEED_PART = re.compile(r"[-_.]?seed[-_]?\d+")
+#: The seed and data-order parts of a run name (``eaft-lr0.001-seed2-order1``), removed by the ``name``
+#: grouping key, so the runs of a group are its seeds and orders.
+SEED_PART = re.compile(r"[-_.]?(?:seed|order)[-_]?\d+")
 
 
 def _key_value(run: LoggedRun, key: str) -> str:
@@ -530,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--general_metric", default="exact", help="metric of the general tasks (house-style exact match)")
     ap.add_argument(
         "--group_by", nargs="+", default=["name"],
-        help="name (the run name without its seed<N> part, as the embedded experiment names runs; a log folder's "
+        help="name (the run name without its seed<N> and order<N> parts, as the embedded experiment names runs; a log folder's "
         "logger name), tags.<name>, params.<name> (hparams.yaml in a log folder); the runs of a group (its seeds) are aggregated",
     )  # fmt: skip
     ap.add_argument("--scale", type=float, default=100.0, help="multiply scores by this in the table and plot (100: %%)")

@@ -2,6 +2,8 @@
 
 The exports are lazy: the tasks and the score arithmetic (``tasks.py``, ``scores.py``) import no
 Lightning, so the Hugging Face integration uses them without loading the Lightning callbacks.
+The function ``forgetting`` is imported from ``eaft_pl.evaluation.scores``: in this package the
+name is the callback's module, ``eaft_pl.evaluation.forgetting``.
 """
 
 from typing import TYPE_CHECKING
@@ -19,7 +21,6 @@ _LAZY = {
     "PerplexityTask": "eaft_pl.evaluation.tasks",
     "TextPerplexityTask": "eaft_pl.evaluation.tasks",
     "ToolCallScorer": "eaft_pl.evaluation.scorers",
-    "forgetting": "eaft_pl.evaluation.scores",
     "suite_averages": "eaft_pl.evaluation.scores",
 }
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from eaft_pl.evaluation.harness import LMEvalCallback
     from eaft_pl.evaluation.instructions import InstructionTask
     from eaft_pl.evaluation.scorers import FinalNumberScorer, ToolCallScorer
-    from eaft_pl.evaluation.scores import forgetting, suite_averages
+    from eaft_pl.evaluation.scores import suite_averages
     from eaft_pl.evaluation.tasks import GenerationTask, MultipleChoiceTask, PerplexityTask, TextPerplexityTask
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -112,6 +112,11 @@ class GenerationTask:
     max_new_tokens: int = 12
     scorer: Optional[Scorer] = None
 
+    def __post_init__(self) -> None:
+        # An empty task would report no metric, and the forgetting callback averages each metric of a suite.
+        if not self.items:
+            raise ValueError(f"GenerationTask {self.name!r}: no items")
+
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> Dict[str, float]:
         return self.score(self.generate(model, tokenizer, batch_size))
@@ -122,11 +127,17 @@ class GenerationTask:
             raise ValueError(f"task {self.name!r}: {len(outputs)} outputs for {len(self.items)} items")
         scorer = self.scorer or exact_and_content
         totals: Dict[str, float] = {}
-        for item, out in zip(self.items, outputs):
-            for metric, value in scorer(out, item).items():
+        for index, (item, out) in enumerate(zip(self.items, outputs)):
+            scores = scorer(out, item)
+            if index and scores.keys() != totals.keys():
+                # A mean over the items that report a metric would silently change what it measures.
+                raise ValueError(
+                    f"task {self.name!r}: the scorer gave metrics {sorted(scores)} for item {index} but "
+                    f"{sorted(totals)} for the items before it; a scorer reports the same metrics for every item"
+                )
+            for metric, value in scores.items():
                 totals[metric] = totals.get(metric, 0.0) + value
-        n = max(len(self.items), 1)
-        return {metric: total / n for metric, total in totals.items()}
+        return {metric: total / len(self.items) for metric, total in totals.items()}
 
     @torch.no_grad()
     def generate(self, model: Any, tokenizer: Any, batch_size: int = 64) -> List[str]:

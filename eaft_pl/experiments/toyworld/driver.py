@@ -121,7 +121,10 @@ def ensure_base(opts: argparse.Namespace, seed: int) -> str:
         PRETRAIN.read_text()
         + Path(toyworld.__file__).read_text()
         + Path(toy.__file__).read_text()
-        + json.dumps({"seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities})
+        + json.dumps({
+            "seed": seed, "steps": opts.pretrain_steps, "n": opts.pretrain_examples, "entities": opts.entities,
+            "threads": opts.threads,  # the thread count orders float reductions, so it changes the weights
+        })  # fmt: skip
     )
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     marker = Path(path) / "eaft_pl_recipe.txt"
