@@ -262,8 +262,9 @@ def load_gguf(path: Path) -> Tuple[Any, Any]:
     """The model (de-quantised to float32) and tokenizer that transformers reads from the GGUF file
     ``path`` (slow: the de-quantisation is most of a conversion's time)."""
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF file holds weights and metadata, no code: nothing to trust.
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
 
 
 def convert_gguf(path: Path, output_dir: Path) -> None:
