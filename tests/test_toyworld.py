@@ -321,13 +321,16 @@ def test_a_cached_base_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch)
         os.makedirs(tmp_path / "base-seed0", exist_ok=True)
 
     monkeypatch.setattr(experiment, "_cli", fake_cli)
-    opts = argparse.Namespace(out=str(tmp_path), entities=12, tracking_uri="sqlite://", pretrain_steps=10, pretrain_examples=100)
+    opts = argparse.Namespace(out=str(tmp_path), entities=12, tracking_uri="sqlite://", pretrain_steps=10, pretrain_examples=100, threads=2)
     experiment.ensure_base(opts, 0)
     experiment.ensure_base(opts, 0)
     assert len(calls) == 1  # the second call found the marker of the same recipe
     opts.pretrain_steps = 20
     experiment.ensure_base(opts, 0)
     assert len(calls) == 2  # a different recipe retrains
+    opts.threads = 1
+    experiment.ensure_base(opts, 0)
+    assert len(calls) == 3  # so does another thread count: it orders the float reductions
 
 
 def test_the_committed_small_results_are_what_the_code_computes(small_experiment):
