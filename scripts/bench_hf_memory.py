@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
 
-from eaft_pl.results import stamp, write_results  # noqa: E402
+from eaft_pl.results import command_line, stamp, write_results  # noqa: E402
 VARIANTS = ("full", "lean")
 
 
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     visible = sys.argv[1:] if argv is None else list(argv)
     start = time.time()
     report = summarise(args, {v: run_variant(args, v) for v in VARIANTS})
-    meta = stamp(" ".join(["python", "scripts/bench_hf_memory.py", *visible]), time.time() - start)
+    meta = stamp(command_line("scripts/bench_hf_memory.py", visible), time.time() - start)
     print(json.dumps({"meta": meta, **report}, indent=2))
     if args.out is not None:
         write_results(args.out, report, meta)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from eaft_pl.results import stamp, write_results
+from eaft_pl.results import command_line, stamp, write_results
 
 # Package data, so an installed wheel finds them: the world's two setups and the shared method overlays.
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -410,7 +410,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ap.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
     if opts.threads < 1:
         ap.error(f"--threads must be at least 1, got {opts.threads}")
-    command = shlex.join(["python", "scripts/embedded_experiment.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("scripts/embedded_experiment.py", argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads, restore = torch.get_num_threads(), _quiet(opts.verbose)
     torch.set_num_threads(opts.threads)
