@@ -17,19 +17,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import os
-import shlex
 import statistics
-import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from eaft_pl.experiments.runner import THREADS, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli as _cli, ui_command
 from eaft_pl.results import command_line, stamp, write_results
 
 # Package data, so an installed wheel finds them: the world's two setups and the shared method overlays.
@@ -42,63 +39,13 @@ ALL_METHODS = [
     # from the base model (the reference pass): static gates, FLOW, and the KL baselines
     "static_eaft", "static_mask", "eaft_static_mask", "flow", "sft_kl", "asft",
 ]  # fmt: skip
-#: The conflict cohort's curves drawn per method (cohort/conflict/<metric>).
-COHORT_PANELS = ["weight", "label_prob", "norm_entropy", "share_in_conflict"]
 GENERAL_TASKS = ["colour", "city", "arithmetic", "reverse", "repeat"]
 DOMAIN_MATCH = 0.9  # "learned the domain": style-agnostic domain accuracy at least this
-
-#: The torch thread count of every run unless --threads says otherwise. The thread count changes the
-#: order of float reductions and so the numbers; a pinned count makes a run repeat on any machine of
-#: the same kind (2 is the cores of the machines this project is built on).
-THREADS = 2
-#: Loggers whose INFO lines (device banners, "Seed set to", the LitLogger tip, MLflow creating its
-#: tables or an experiment) tell a user of the demo nothing to act on; --verbose keeps them.
-QUIET_LOGGERS = {
-    "lightning.pytorch.utilities.rank_zero": logging.WARNING,
-    "lightning.fabric.utilities.seed": logging.WARNING,
-    "lightning.pytorch.loggers.mlflow": logging.ERROR,
-    "mlflow.store.db.utils": logging.WARNING,
-    "alembic.runtime.migration": logging.WARNING,
-}
 
 __all__ = [
     "main", "ensure_base", "finetune", "conflict_statistics", "summarise", "format_table", "conflicts_line",
     "cohort_curves", "cohort_figure", "recomputable",
 ]  # fmt: skip
-
-
-def _cli(args: List[str], verbose: bool = False) -> Any:
-    from eaft_pl.cli import cli_main
-
-    if not verbose:  # the driver prints one line per run instead
-        args = [*args, "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    # LightningCLI warns when sys.argv holds arguments besides `args`: here they are this script's own.
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return cli_main(args)
-    finally:
-        sys.argv = argv
-
-
-def _quiet(verbose: bool) -> Callable[[], None]:
-    """Unless ``verbose``: raise the quiet loggers' levels and turn off transformers' "Loading weights"
-    bars (one per base loaded). Returns the function that restores both."""
-    from transformers.utils import logging as hf_logging
-
-    old = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    bars = hf_logging.is_progress_bar_enabled()
-    if not verbose:
-        for name, level in QUIET_LOGGERS.items():
-            logging.getLogger(name).setLevel(level)
-        hf_logging.disable_progress_bar()
-
-    def restore() -> None:
-        for name, level in old.items():
-            logging.getLogger(name).setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-    return restore
 
 
 def _common(opts: argparse.Namespace, seed: int) -> List[str]:
@@ -251,13 +198,6 @@ def _scores(entry: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per (method, lr): final scores, the base, forgetting and the matched-domain comparison, each as
     mean and standard deviation over seeds."""
@@ -278,47 +218,19 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             "order_seeds": [r.get("order_seed", r["seed"]) for r in members],
         }  # fmt: skip
         for name in final[0]:
-            row[name] = _mean_std([f[name] for f in final])
-        row["base_general"] = _mean_std([b["general"] for b in base])
-        row["base_domain"] = _mean_std([b["domain"] for b in base])
-        row["forgetting"] = _mean_std([b["general"] - f["general"] for b, f in zip(base, final)])
-        row["general_at_domain_0.9"] = _mean_std(matched)
+            row[name] = mean_std([f[name] for f in final])
+        row["base_general"] = mean_std([b["general"] for b in base])
+        row["base_domain"] = mean_std([b["domain"] for b in base])
+        row["forgetting"] = mean_std([b["general"] - f["general"] for b, f in zip(base, final)])
+        row["general_at_domain_0.9"] = mean_std(matched)
         row["learned_domain_runs"] = sum(not math.isnan(m) for m in matched)
-        row["wall_s"] = _mean_std([r["wall_s"] for r in members])
-        row["cohort_s"] = _mean_std([r.get("cohort_s", float("nan")) for r in members])
-        row["reference_s"] = _mean_std([r["reference_s"] for r in members if r.get("reference_s") is not None])
+        row["wall_s"] = mean_std([r["wall_s"] for r in members])
+        row["cohort_s"] = mean_std([r.get("cohort_s", float("nan")) for r in members])
+        row["reference_s"] = mean_std([r["reference_s"] for r in members if r.get("reference_s") is not None])
         row["cohort"] = cohort_curves(members)
         row["run_ids"] = [r["run_id"] for r in members]
         rows[key] = row
     return rows
-
-
-def cohort_curves(members: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]:
-    """``cohort/<c>/<metric> -> [[step, mean, std], ...]`` over the seeds of one (method, lr)."""
-    steps: Dict[int, List[Dict[str, float]]] = {}
-    for run in members:
-        for record in run.get("cohort", []):
-            steps.setdefault(record["step"], []).append(record)
-    out: Dict[str, List[List[float]]] = {}
-    for step in sorted(steps):
-        for key in steps[step][0]:
-            if key.startswith("cohort/"):
-                stat = _mean_std([r[key] for r in steps[step]])
-                out.setdefault(key, []).append([step, stat["mean"], stat["std"]])
-    return out
-
-
-def cohort_figure(rows: Dict[str, Any], lr: float, methods: Optional[Sequence[str]] = None) -> Any:
-    """The conflict cohort's curves (weight, label probability, entropy, share still in conflict) of
-    each method at learning rate ``lr``, mean and std over seeds."""
-    from eaft_pl.analysis.plots import curves_figure
-
-    chosen = [r for r in rows.values() if r["lr"] == lr and r.get("cohort") and (methods is None or r["method"] in methods)]
-    panels = [
-        (f"conflict cohort: {metric.replace('_', ' ')}", {r["method"]: r["cohort"].get(f"cohort/conflict/{metric}", []) for r in chosen})
-        for metric in COHORT_PANELS
-    ]
-    return curves_figure(panels, title=f"Tokens that were confident conflicts under the base (lr {lr:g})")
 
 
 def _pm(stat: Dict[str, float], scale: float = 100.0) -> str:
@@ -368,15 +280,6 @@ def recomputable(result: Dict[str, Any]) -> Dict[str, Any]:
     return {"table": result["table"], "conflicts": result["conflicts"]}
 
 
-def _ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on the store ``uri``, runnable from any directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    mlflow = Path(sys.executable).parent / "mlflow"
-    exe = str(mlflow) if mlflow.is_file() else "mlflow"
-    return f"{shlex.quote(exe)} ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --workers 1"
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="The embedded EAFT experiment on the synthetic world.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="worlds: each seed is a world and its own base")
@@ -412,20 +315,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ap.error(f"--threads must be at least 1, got {opts.threads}")
     command = command_line("scripts/embedded_experiment.py", argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    threads, restore = torch.get_num_threads(), _quiet(opts.verbose)
-    torch.set_num_threads(opts.threads)
-    try:
-        with warnings.catch_warnings():
-            if not opts.verbose:
-                # Raised inside Lightning for every fit of a 5-batch epoch; nothing a user of the demo can change.
-                warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-                warnings.filterwarnings("ignore", message=r".*number of training batches .* is smaller than the logging interval.*")
-                # Lightning's own use of a torch API that torch deprecates, raised once per process.
-                warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-            return _run(opts, methods, command)
-    finally:
-        torch.set_num_threads(threads)
-        restore()
+    with quiet_run(opts.verbose, opts.threads):
+        return _run(opts, methods, command)
 
 
 def _run(opts: argparse.Namespace, methods: List[str], command: str) -> Dict[str, Any]:
@@ -475,5 +366,5 @@ def _run(opts: argparse.Namespace, methods: List[str], command: str) -> Dict[str
     write_results(path, result, meta)  # once more: the stamp's wall time now includes the figures
     print("\n" + result["table"] + "\n\n" + result["conflicts"])
     print(f"\nresults: {path}\nfigures: {', '.join(figures)}\nwall time: {wall:.0f} s")
-    print(f"runs (MLflow experiment 'toyworld'): {_ui_command(opts.tracking_uri)}")
+    print(f"runs (MLflow experiment 'toyworld'): {ui_command(opts.tracking_uri)}")
     return {"meta": meta, **result}
