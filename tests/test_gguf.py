@@ -402,3 +402,65 @@ def test_a_short_fit_of_the_real_model_logs_its_metrics_and_forgetting(smollm2_c
     for name in ("forgetting/general/ppl", "forgetting/general/acc", "forgetting/general/kl", "gain/domain/accuracy"):
         assert name in metrics, name
     assert metrics["forgetting/general/kl"] >= 0
+
+
+def test_the_real_experiment_runs_resumes_and_reruns_what_changed(smollm2_cache, tmp_path, monkeypatch, capsys):
+    """``make real-demo``'s driver end to end, on a small random model with SmolLM2's tokenizer and chat
+    template (the real weights' cost is the 2-step fit above): the analysis, SFT and EAFT runs in
+    MLflow, the table, the figures; a second call reuses the finished runs; a changed option reruns."""
+    from mlflow import MlflowClient
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eaft_pl.experiments.realmodel import driver
+    from eaft_pl.results import read_results
+
+    tok = AutoTokenizer.from_pretrained(smollm2_cache["folder"])
+    model_dir = tmp_path / "small-smollm2"
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 512}, vocab_size=len(tok), tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        "--model", str(model_dir), "--steps", "2", "--eval_every", "2", "--cohort_every", "1", "--batch_size", "2",
+        "--n_train", "8", "--n_test", "2", "--analyze_examples", "2", "--max_new_tokens", "8",
+        "--override", "data.init_args.n_val=2", "--override", "data.init_args.max_new_tokens=8",
+        "--override", 'data.init_args.general_sizes={"n_prose": 2, "prose_tokens": 32, "n_facts": 4, "n_agreement": 2, "agreement_tokens": 8}',
+        "--override", "cohort.sample_size=4", "--override", "trainer.callbacks.init_args.batch_size=4",
+        "--override", f"trainer.default_root_dir={tmp_path}", "--out", str(tmp_path / "out"), "--tracking_uri", uri,
+    ]  # fmt: skip
+    result = driver.main(args)
+    printed = capsys.readouterr().out
+    assert result["complete"] and set(result["rows"]) == {"sft@0.0001", "eaft@0.0001"}
+    assert read_results(tmp_path / "out" / "results.json")["table"] == result["table"]
+    lines = result["table"].splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| sft", "| eaft"]
+    assert "Facts" in lines[0] and "KL to base" in lines[0]
+    for row in result["rows"].values():
+        assert [point[0] for point in row["curves"]["agreement/kl"]] == [0, 2]  # the base, then after step 2
+        assert row["base"]["agreement/agree"]["mean"] == 1.0  # the base agrees with itself
+        assert row["cohort"]  # the cohort callback ran
+    analysis = result["analysis"]["0"]
+    for source in ("sft_data", "on_policy"):
+        assert analysis[source]["tokens"] > 0 and 0 <= analysis[source]["conflict_share"] <= 1
+    for figure in [*analysis["figures"], "out/results-curves-lr0.0001.png", "out/results-cohort-lr0.0001.png"]:
+        assert (tmp_path / figure).is_file(), figure
+    # one line per unit of work, then the table, the files and the UI command; no Lightning banners
+    assert "[1/2] sft lr=0.0001 seed 0" in printed and "[2/2] eaft lr=0.0001 seed 0" in printed
+    assert "ui --backend-store-uri" in printed and "GPU available" not in printed
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("realmodel").experiment_id
+    runs = client.search_runs([experiment])
+    assert sorted(r.data.tags["mlflow.runName"] for r in runs) == ["analyze-base-seed0", "eaft-lr0.0001-seed0", "sft-lr0.0001-seed0"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    again = driver.main(args)  # a second sitting: nothing to compute
+    assert "cached" in capsys.readouterr().out
+    assert again["table"] == result["table"] and all(r["cached"] for r in again["runs"])
+    assert len(client.search_runs([experiment])) == 3
+
+    changed = driver.main([*args, "--steps", "1", "--eval_every", "1"])  # another recipe: run again
+    assert not any(r["cached"] for r in changed["runs"])
+    assert len(client.search_runs([experiment])) == 6  # the analysis's key changed too (it depends on every keyed option)

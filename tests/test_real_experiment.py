@@ -1,0 +1,102 @@
+"""The real-model driver's summary arithmetic and run cache (scripts/real_experiment.py). Its end-to-end
+run on a small model with SmolLM2's tokenizer is in test_gguf.py, next to the converted model."""
+
+import argparse
+import json
+
+import pytest
+
+from eaft_pl.experiments.realmodel import driver
+
+
+def entry(step, domain, facts, ppl=20.0, agree=1.0, kl=0.0, style=0.0):
+    return {
+        "step": step,
+        "scores": {
+            "domain": {"math": {"accuracy": domain, "answered": 1.0, "style": style}},
+            "general": {"prose": {"ce": 3.0, "ppl": ppl}, "facts": {"acc": facts}, "agreement": {"agree": agree, "token_agree": agree, "kl": kl}},
+        },
+    }
+
+
+def run(method, seed, final_domain, final_facts, kl=0.1, base_facts=0.5):
+    return {
+        "method": method, "lr": 5e-5, "seed": seed, "run_id": f"{method}{seed}", "wall_s": 10.0, "cached": False,
+        "history": [entry(0, 0.0, base_facts), entry(10, final_domain / 2, (base_facts + final_facts) / 2, kl=kl / 2),
+                    entry(20, final_domain, final_facts, ppl=25.0, agree=0.5, kl=kl, style=1.0)],
+        "cohort": [{"step": 0, "cohort/conflict/weight": 0.1}, {"step": 20, "cohort/conflict/weight": 0.3 + seed / 10}],
+    }  # fmt: skip
+
+
+def test_scores_average_the_scored_general_suites_only():
+    s = driver.scores(entry(0, 0.25, 0.5, ppl=30.0, agree=0.75, kl=0.2))
+    assert s["domain"] == 0.25 and s["facts/acc"] == 0.5 and s["prose/ppl"] == 30.0
+    # perplexity, agreement and KL are continuous: they are columns, not part of the average
+    assert s["general"] == 0.5
+    both = entry(0, 0.0, 0.5)
+    both["scores"]["general"]["instructions"] = {"acc": 0.25}
+    assert driver.scores(both)["general"] == pytest.approx(0.375)
+
+
+def test_summary_means_and_spreads_over_seeds():
+    rows = driver.summarise([run("sft", 0, 0.5, 0.25), run("sft", 1, 0.7, 0.375), run("eaft", 0, 0.5, 0.5)])
+    sft = rows["sft@5e-05"]
+    assert sft["seeds"] == [0, 1]
+    assert sft["final"]["domain"]["mean"] == pytest.approx(0.6) and sft["final"]["domain"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert sft["general_delta"]["mean"] == pytest.approx(((0.25 - 0.5) + (0.375 - 0.5)) / 2)
+    assert sft["base"]["general"]["mean"] == 0.5
+    # forgetting curves: every evaluation step, mean over the seeds
+    assert [p[0] for p in sft["curves"]["facts/acc"]] == [0, 10, 20]
+    assert sft["curves"]["agreement/kl"][-1][1] == pytest.approx(0.1)
+    assert sft["cohort"]["cohort/conflict/weight"][-1] == [20, pytest.approx(0.35), pytest.approx(0.0707, abs=1e-4)]
+    assert rows["eaft@5e-05"]["general_delta"] == {"mean": 0.0, "std": 0.0, "n": 1}
+
+
+def test_the_table_has_the_paper_layout():
+    table = driver.format_table(driver.summarise([run("sft", 0, 0.5, 0.25), run("sft", 1, 0.7, 0.375), run("eaft", 0, 0.5, 0.5)]))
+    lines = table.splitlines()
+    assert lines[0] == "| method | lr | Domain | Teacher style | Facts | Prose ppl | Agree | KL to base | General avg (Δ base) |"
+    # the base row: the first row's seeds (the same base under every method of a seed)
+    assert lines[2] == "| base |  | 0.0±0.0 | 0.0±0.0 | 50.0±0.0 | 20.00±0.00 | 100.0±0.0 | 0.000±0.000 | 50.0±0.0 |"
+    assert lines[3] == "| sft | 5e-05 | 60.0±14.1 | 100.0±0.0 | 31.2±8.8 | 25.00±0.00 | 50.0±0.0 | 0.100±0.000 | 31.2±8.8 (-18.8±8.8) |"
+    assert lines[4].endswith("| 50.0 (+0.0) |")  # no forgetting is +0.0, a gain would be +
+
+
+def test_the_conflict_line_contrasts_teacher_and_own_answers():
+    analyses = {"0": {"sft_data": {"conflict_share": 0.2, "tokens": 100}, "on_policy": {"conflict_share": 0.01, "tokens": 90}}}
+    line = driver.conflicts_line(analyses)
+    assert "teacher's answers 20.0% of 100 tokens" in line and "own greedy answers 1.0% of 90 tokens" in line
+
+
+def _opts(**changes):
+    opts = driver._parser().parse_args([])
+    return argparse.Namespace(**{**vars(opts), **changes})
+
+
+def test_a_run_is_reused_only_under_the_same_key(tmp_path):
+    config = tmp_path / "method.yaml"
+    config.write_text("a: 1\n")
+    key = driver.run_key(_opts(), "sft", 5e-5, 0, configs=[config])
+    # where it writes, how it prints and the rest of the grid do not change a run ...
+    assert driver.run_key(_opts(out="elsewhere", verbose=True, seeds=[0, 1, 2], methods=["dft"]), "sft", 5e-5, 0, configs=[config]) == key
+    # ... what it computes does
+    assert driver.run_key(_opts(steps=41), "sft", 5e-5, 0, configs=[config]) != key
+    assert driver.run_key(_opts(), "sft", 5e-5, 1, configs=[config]) != key
+    config.write_text("a: 2\n")
+    assert driver.run_key(_opts(), "sft", 5e-5, 0, configs=[config]) != key
+
+    path = tmp_path / "runs" / "sft.json"
+    driver._store(path, "k1", {"wall_s": 3.0})
+    assert driver._cached(path, "k1") == {"wall_s": 3.0}
+    assert driver._cached(path, "k2") is None  # another recipe: run again
+    path.write_text(json.dumps({"key": "k1", "result": {}})[:10])  # torn by a killed process
+    assert driver._cached(path, "k1") is None
+
+
+def test_bad_options_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        driver.main(["--methods", "sft", "nope"])
+    assert "unknown methods ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        driver.main(["--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
