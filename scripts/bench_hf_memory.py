@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
 
-from eaft_pl.results import command_line, stamp, write_results  # noqa: E402
+from eaft_pl.results import publish  # noqa: E402
 VARIANTS = ("full", "lean")
 
 
@@ -145,13 +145,9 @@ def main(argv=None) -> None:
     if args.variant is not None:
         print(json.dumps(worker(args)), flush=True)
         return
-    visible = sys.argv[1:] if argv is None else list(argv)
     start = time.time()
     report = summarise(args, {v: run_variant(args, v) for v in VARIANTS})
-    meta = stamp(command_line("scripts/bench_hf_memory.py", visible), time.time() - start)
-    print(json.dumps({"meta": meta, **report}, indent=2))
-    if args.out is not None:
-        write_results(args.out, report, meta)
+    publish("scripts/bench_hf_memory.py", argv, report, start, args.out)
 
 
 if __name__ == "__main__":
