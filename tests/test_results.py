@@ -64,7 +64,8 @@ def test_every_committed_results_file_is_stamped():
 
 
 def _fake_results(monkeypatch, tmp_path, value):
-    write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": {"sft@0.001": {"domain": {"mean": value}}}}, stamp("python d.py", 3.0))
+    rows = {"sft@0.001": {"domain": {"mean": value}}, "element symbol": {"acc": 0.8}}
+    write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": rows}, stamp("python d.py", 3.0))
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
 
 
@@ -78,6 +79,12 @@ def test_blocks_are_filled_from_the_file_inline_and_as_tables(monkeypatch, tmp_p
     assert "Domain <!-- results:demo rows/sft@0.001/domain/mean .1% -->18.3%<!-- /results --> today." in out
     assert "<!-- results:demo table -->\n| a |\n|---|\n| 1 |\n<!-- /results -->" in out
     assert "Written by `python d.py` at commit" in out and "in 3 s" in out
+
+
+def test_a_key_part_with_a_space_is_written_with_percent_20(monkeypatch, tmp_path):
+    _fake_results(monkeypatch, tmp_path, 0.183)
+    out = render_results.render("<!-- results:demo rows/element%20symbol/acc .2f -->?<!-- /results -->")
+    assert out == "<!-- results:demo rows/element%20symbol/acc .2f -->0.80<!-- /results -->"
     assert render_results.render(out) == out  # filling twice changes nothing
 
 
