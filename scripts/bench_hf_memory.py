@@ -69,6 +69,9 @@ def build(args):
         from eaft_pl.models.loading import load_causal_lm
 
         model = load_causal_lm(args.model, torch_dtype="float32")
+        with torch.no_grad():  # read every weight once: from_pretrained maps the file lazily, and a
+            for param in model.parameters():  # start measured before the weights are paged in would
+                param.sum()  # count them as training's memory
         return model, random_rows(args, model.get_output_embeddings().weight.shape[0])
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=2,
