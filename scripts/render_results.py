@@ -38,6 +38,7 @@ PRODUCERS = {
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
+    "gemma_chunked": "python scripts/bench_hf_memory.py --model gemma3-270m --batch 2 --seq 128 --steps 2 --chunk_size 64 --out docs/results/gemma_chunked.json",
     "real_model_load": "python scripts/bench_model_load.py --models smollm2-135m-instruct gemma3-270m --out docs/results/real_model_load.json",
 }
 #: ``<!-- results:NAME KEY [FORMAT] -->old<!-- /results -->``; old may span lines.
