@@ -111,6 +111,12 @@ class EAFTModule(pl.LightningModule):
             advances), counted and logged as ``train/skipped_steps``; once more than this many were
             skipped, training stops with an error naming the step and batch. 0 stops at the first.
             Under fp16 with a GradScaler, inf gradients are the scaler's to skip and are not counted.
+        chat_template: A Jinja chat template for the module's own tokenizer, which the forgetting
+            callback's tasks use to render their prompts (``chat_prompt_ids``). ``None`` (default) takes
+            the DataModule's ``data.init_args.chat_template`` when the trainer has one, so that the
+            evaluation prompts are rendered as the training data was, and else keeps the tokenizer's
+            own. Needed for a tokenizer without a template (Gemma 3 270M) outside a trainer
+            (``eaft-pl export``, Python); giving both this and a different DataModule template is an error.
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class EAFTModule(pl.LightningModule):
         reference_kl_direction: Literal["policy_ref", "ref_policy"] = "policy_ref",
         lora: Optional[Dict[str, Any]] = None,
         max_skipped_steps: int = 10,
+        chat_template: Optional[str] = None,
     ) -> None:
         super().__init__()
         check_module_options(
@@ -215,6 +222,9 @@ class EAFTModule(pl.LightningModule):
         if tok_path is None:
             raise ValueError("model.init_args.tokenizer_name_or_path is needed to build a model from model_config")
         self.tokenizer = load_tokenizer(tok_path, trust_remote_code=hp.trust_remote_code)
+        template = self._chat_template()
+        if template is not None:
+            self.tokenizer.chat_template = template
         if hp.model_name_or_path is not None:
             model = load_causal_lm(hp.model_name_or_path, hp.torch_dtype, hp.trust_remote_code, hp.attn_implementation)
         else:
@@ -286,6 +296,24 @@ class EAFTModule(pl.LightningModule):
         self.normalizer.divisor = float(checkpoint.get("eaft_loss_divisor", 0.0))
         self.skipped_steps = int(checkpoint.get("eaft_skipped_steps", 0))
         restore_frozen_base(checkpoint, self.model, self.state_dict(), self.adapter_only_checkpoints)
+
+    def _chat_template(self) -> Optional[str]:
+        """The template the module's tokenizer gets: ``chat_template``, else the trainer's DataModule's
+        ``chat_template`` (the one the training data was rendered with), else None (the tokenizer's own).
+
+        Raises:
+            ValueError: both are set and differ: the evaluation prompts would be rendered unlike the
+                training data.
+        """
+        own = self.hparams.get("chat_template")  # checkpoints written before the option lack it
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "chat_template", None)
+        if own is not None and data is not None and own != data:
+            raise ValueError(
+                "model.init_args.chat_template and data.init_args.chat_template differ: the forgetting tasks' prompts "
+                "would be rendered unlike the training data; set only data.init_args.chat_template (the module copies it)"
+            )
+        return own if own is not None else data
 
     @property
     def needs_reference(self) -> bool:

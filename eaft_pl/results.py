@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from eaft_pl.fileio import atomic_write
 
-__all__ = ["stamp", "write_results", "read_results", "git_commit", "machine", "command_line"]
+__all__ = ["stamp", "write_results", "read_results", "git_commit", "machine", "command_line", "publish"]
 
 #: The keys every stamp holds; :func:`read_results` refuses a file that lacks one.
 META_KEYS = ("command", "commit", "date", "wall_s", "machine")
@@ -106,6 +107,20 @@ def write_results(path: "str | Path", results: Mapping[str, Any], meta: Mapping[
         raise ValueError("write_results: results must not have a 'meta' key of their own")
     text = json.dumps({"meta": dict(meta), **results}, indent=2, sort_keys=False) + "\n"
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def publish(script: str, argv: Optional[list], report: Mapping[str, Any], started: float, out: "str | Path | None") -> Dict[str, Any]:
+    """A measuring script's last step: stamp ``report`` (the command ``python <script> <argv>``, the
+    wall time since ``started``, a ``time.time()``), print it as indented JSON and, when ``out`` is
+    given, write it there as a results file. Returns the stamped object that was printed.
+
+    ``argv`` is what the user typed (``None``: this process's ``sys.argv[1:]``), so a script's own
+    worker flags, which the parent never sees, stay out of the recorded command."""
+    meta = stamp(command_line(script, argv), time.time() - started)
+    print(json.dumps({"meta": meta, **report}, indent=2))
+    if out is not None:
+        write_results(out, report, meta)
+    return {"meta": meta, **dict(report)}
 
 
 def read_results(path: "str | Path") -> Dict[str, Any]:

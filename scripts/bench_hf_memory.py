@@ -1,7 +1,9 @@
 """Peak memory of EAFT training in ``transformers.Trainer``: the lean path against the full logits.
 
 Both variants train the same tiny Llama (random weights, a large vocabulary so that the logits
-dominate, untied LM head) for ``--steps`` AdamW steps on the same random batch:
+dominate, untied LM head), or with ``--model`` a real pretrained model (a short name such as
+``gemma3-270m``, a GGUF file or a Hugging Face folder, loaded in float32), for ``--steps`` AdamW
+steps on the same random batch:
 
 - ``full``: ``Trainer(compute_loss_func=EAFTLoss())``, the model builds the ``(tokens, vocab)`` logits;
 - ``lean``: ``EAFTTrainer(eaft_loss=EAFTLoss(chunk_size=...))``, the loss from the hidden states and the
@@ -17,6 +19,12 @@ Usage::
 
     python scripts/bench_hf_memory.py                       # V=151,936, 4 x 256 tokens, CPU
     python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json
+    python scripts/bench_hf_memory.py --model gemma3-270m --batch 2 --seq 128 --chunk_size 64 \
+        --out docs/results/gemma_chunked.json   # Gemma 3 270M, vocabulary 262,144
+
+With ``--model`` the report also gives the training time's ratio (``train_seconds_full_over_lean``)
+and the model's vocabulary and parameter count; the model is resolved (a GGUF converted into the
+cache) once before the variants start, so no variant's peak holds a conversion.
 
 Prints one JSON object: the stamp of :mod:`eaft_pl.results` (command, commit, date, wall time, machine),
 each variant's peak and the ratios; ``--out`` writes it as a results file.
@@ -37,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
 
-from eaft_pl.results import command_line, stamp, write_results  # noqa: E402
+from eaft_pl.results import publish  # noqa: E402
 VARIANTS = ("full", "lean")
 
 
@@ -51,21 +59,36 @@ def peak_rss_mb() -> float:
 
 
 def build(args):
-    """The tiny Llama and a random batch of ``batch`` rows, the first third of each masked as prompt."""
+    """The model (the tiny Llama, or ``--model`` in float32) and a random batch of ``batch`` rows of
+    token ids below its vocabulary size, the first third of each masked as prompt."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
+    if args.model is not None:
+        from eaft_pl.models.loading import load_causal_lm
+
+        model = load_causal_lm(args.model, torch_dtype="float32")
+        with torch.no_grad():  # read every weight once: from_pretrained maps the file lazily, and a
+            for param in model.parameters():  # start measured before the weights are paged in would
+                param.sum()  # count them as training's memory
+        return model, random_rows(args, model.get_output_embeddings().weight.shape[0])
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq, tie_word_embeddings=False,
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    return LlamaForCausalLM(config), random_rows(args, args.vocab)
+
+
+def random_rows(args, vocab: int) -> list:
+    """``batch`` rows of ``seq`` random token ids below ``vocab``, the first third masked as prompt."""
+    import torch
+
+    ids = torch.randint(0, vocab, (args.batch, args.seq))
     labels = ids.clone()
     labels[:, : args.seq // 3] = -100
     rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
-    return model, rows
+    return rows
 
 
 def worker(args) -> dict:
@@ -98,6 +121,8 @@ def worker(args) -> dict:
         seconds = time.perf_counter() - began
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"variant": args.variant, "first_loss": losses[0], "train_seconds": round(seconds, 2)}
+    if args.model is not None:
+        result.update(vocab=model.get_output_embeddings().weight.shape[0], parameters=sum(p.numel() for p in model.parameters()))
     if cuda:
         result["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:
@@ -112,7 +137,9 @@ def run_variant(args, variant: str) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)  # one line per variant as it finishes
+    return result
 
 
 def summarise(args, results: dict) -> dict:
@@ -120,18 +147,26 @@ def summarise(args, results: dict) -> dict:
     ratios = {f"{key}_full_over_lean": round(results["full"][key] / results["lean"][key], 2)}
     if key == "peak_rss_mb":
         ratios["above_start_full_over_lean"] = round(results["full"]["above_start_mb"] / results["lean"]["above_start_mb"], 2)
-    logits_mb = args.batch * args.seq * args.vocab * 4 / 2**20
+    vocab = results["full"].get("vocab", args.vocab)  # a real model's own, else --vocab
+    setup = {"vocab": vocab, "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+             "chunk_size": args.chunk_size, "fp32_logits_mb": round(args.batch * args.seq * vocab * 4 / 2**20, 1)}  # fmt: skip
+    if args.model is not None:  # the default report keeps its keys (docs/huggingface.md reads them)
+        del setup["hidden"]
+        setup.update(model=args.model, parameters=results["full"]["parameters"])
+        ratios["train_seconds_full_over_lean"] = round(results["full"]["train_seconds"] / results["lean"]["train_seconds"], 2)
+    first = results["full"]["first_loss"], results["lean"]["first_loss"]
     return {
-        "setup": {"vocab": args.vocab, "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                  "chunk_size": args.chunk_size, "fp32_logits_mb": round(logits_mb, 1)},  # fmt: skip
+        "setup": setup,
         "variants": results,
         "ratios": ratios,
-        "same_first_loss": abs(results["full"]["first_loss"] - results["lean"]["first_loss"]) <= 1e-4 * abs(results["full"]["first_loss"]),
+        "same_first_loss": abs(first[0] - first[1]) <= 1e-4 * abs(first[0]),
     }
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options (``argv``, default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a pretrained causal LM (short name, .gguf, folder) instead of the tiny Llama")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
@@ -141,17 +176,21 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the worker process
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.variant is not None:
         print(json.dumps(worker(args)), flush=True)
         return
-    visible = sys.argv[1:] if argv is None else list(argv)
     start = time.time()
+    if args.model is not None:
+        from eaft_pl.models.gguf import resolve_model_path
+
+        resolve_model_path(args.model)  # convert a GGUF here, once, not inside a measured variant
     report = summarise(args, {v: run_variant(args, v) for v in VARIANTS})
-    meta = stamp(command_line("scripts/bench_hf_memory.py", visible), time.time() - start)
-    print(json.dumps({"meta": meta, **report}, indent=2))
-    if args.out is not None:
-        write_results(args.out, report, meta)
+    publish("scripts/bench_hf_memory.py", argv, report, start, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ that is this same file, see mkdocs.yml ``hooks:``) writes the value a results fi
 
     base domain <!-- results:toyworld_demo rows/sft@0.001/base_domain/mean .1% -->18.3%<!-- /results -->
 
-The key is a ``/``-separated path into the JSON; an optional Python format spec follows it
+The key is a ``/``-separated path into the JSON (``%20`` stands for a space in a part, since a space
+ends the key: ``acc_by_category/element%20symbol/acc``); an optional Python format spec follows it
 (``.1%``, ``.0f``); the key ``stamp`` renders the file's ``meta`` (command, commit, date, machine,
 wall time) as one sentence. A missing key is an error, never an empty block. A missing file of
 :data:`PRODUCERS` (a long study not yet run for the current code) renders as a note naming the
@@ -37,6 +38,8 @@ PRODUCERS = {
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
+    "gemma_chunked": "python scripts/bench_hf_memory.py --model gemma3-270m --batch 2 --seq 128 --steps 2 --chunk_size 64 --out docs/results/gemma_chunked.json",
+    "real_model_load": "python scripts/bench_model_load.py --models smollm2-135m-instruct gemma3-270m --out docs/results/real_model_load.json",
 }
 #: ``<!-- results:NAME KEY [FORMAT] -->old<!-- /results -->``; old may span lines.
 BLOCK = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) (?P<key>[^ >]+)(?: (?P<fmt>[^ >]+))? -->(?P<old>.*?)<!-- /results -->", re.S)
@@ -67,7 +70,7 @@ def lookup(name: str, key: str, fmt: Optional[str], cache: Dict[str, Any]) -> st
     if key == "stamp":
         return describe_stamp(data["meta"])
     value: Any = data
-    for part in key.split("/"):
+    for part in (p.replace("%20", " ") for p in key.split("/")):
         if isinstance(value, dict) and part in value:
             value = value[part]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO
-from eaft_pl.results import read_results, stamp, write_results
+from eaft_pl.results import publish, read_results, stamp, write_results
 
 spec = importlib.util.spec_from_file_location("render_results", REPO / "scripts" / "render_results.py")
 render_results = importlib.util.module_from_spec(spec)
@@ -45,6 +45,15 @@ def test_results_round_trip_and_refuse_a_file_without_a_stamp(tmp_path):
         read_results(tmp_path / "missing.json")
 
 
+def test_publish_prints_stamps_and_writes_what_the_user_typed(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    printed = publish("scripts/x.py", ["--n", "a b"], {"value": 3}, started=0.0, out=out)
+    assert printed["meta"]["command"] == "python scripts/x.py --n 'a b'"
+    assert json.loads(capsys.readouterr().out) == printed == read_results(out)
+    publish("scripts/x.py", [], {"value": 4}, started=0.0, out=None)  # printed only
+    assert read_results(out)["value"] == 3
+
+
 def test_every_committed_results_file_is_stamped():
     files = sorted((REPO / "docs" / "results").glob("*.json"))
     assert files, "docs/results/ holds no results file"
@@ -55,7 +64,8 @@ def test_every_committed_results_file_is_stamped():
 
 
 def _fake_results(monkeypatch, tmp_path, value):
-    write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": {"sft@0.001": {"domain": {"mean": value}}}}, stamp("python d.py", 3.0))
+    rows = {"sft@0.001": {"domain": {"mean": value}}, "element symbol": {"acc": 0.8}}
+    write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": rows}, stamp("python d.py", 3.0))
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
 
 
@@ -69,6 +79,12 @@ def test_blocks_are_filled_from_the_file_inline_and_as_tables(monkeypatch, tmp_p
     assert "Domain <!-- results:demo rows/sft@0.001/domain/mean .1% -->18.3%<!-- /results --> today." in out
     assert "<!-- results:demo table -->\n| a |\n|---|\n| 1 |\n<!-- /results -->" in out
     assert "Written by `python d.py` at commit" in out and "in 3 s" in out
+
+
+def test_a_key_part_with_a_space_is_written_with_percent_20(monkeypatch, tmp_path):
+    _fake_results(monkeypatch, tmp_path, 0.183)
+    out = render_results.render("<!-- results:demo rows/element%20symbol/acc .2f -->?<!-- /results -->")
+    assert out == "<!-- results:demo rows/element%20symbol/acc .2f -->0.80<!-- /results -->"
     assert render_results.render(out) == out  # filling twice changes nothing
 
 

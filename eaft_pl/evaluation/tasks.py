@@ -69,7 +69,17 @@ def exact_and_content(output: str, item: Mapping[str, Any]) -> Dict[str, float]:
 def chat_prompt_ids(tokenizer: Any, prompt: str, system: Optional[str] = None) -> List[int]:
     """The token ids of one user turn (after ``system``, if given) and the assistant's generation
     prompt, by the tokenizer's chat template. Without a system prompt of the item's own the template
-    adds its default one, if it has one, as it does for the training conversations."""
+    adds its default one, if it has one, as it does for the training conversations.
+
+    Raises:
+        ValueError: the tokenizer has no chat template (a pretrained model's, such as Gemma 3 270M's).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template, so the "
+            "evaluation prompts cannot be rendered; set data.init_args.chat_template (EAFTModule copies it onto its "
+            "tokenizer) or model.init_args.chat_template, or outside eaft-pl set tokenizer.chat_template"
+        )
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
