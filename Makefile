@@ -122,7 +122,10 @@ real-demo: smollm2
 real-results: smollm2
 	rm -rf outputs/results/realmodel
 	$(BIN)/python scripts/real_experiment.py --out outputs/results/realmodel \
-		--tracking_uri sqlite:///outputs/results/mlflow.db --results docs/results/real_demo.json
+		--tracking_uri sqlite:///outputs/results/mlflow.db --results docs/results/real_demo.json \
+		--figures outputs/results/realmodel/figures
+	cp outputs/results/realmodel/figures/curves-lr0.0001.png docs/img/real_demo_curves.png
+	cp outputs/results/realmodel/analyze-seed0/plane.png docs/img/real_demo_plane.png
 	$(BIN)/python scripts/render_results.py
 
 test: $(STAMP)

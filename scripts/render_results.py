@@ -35,6 +35,7 @@ PRODUCERS = {
     "toyworld_demo": "make results",
     "toyworld_small": "make results",
     "toyworld_study": "make study",
+    "real_demo": "make real-results",
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",

@@ -328,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="outputs/realmodel", help="analyses, finished runs and the results file")
     ap.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db")
     ap.add_argument("--results", default=None, help="results file (default <out>/results.json)")
+    ap.add_argument("--figures", default=None, help="folder of the curves and cohort figures (default: beside the results file)")
     ap.add_argument("--verbose", action="store_true", help="Lightning's own output: device banners, model summaries, progress bars")
     return ap
 
@@ -394,10 +395,10 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
     from eaft_pl.analysis.plots import save_figure
 
     figures = [a["figures"][0] for a in analyses.values()]
-    stem = str(Path(path).with_suffix(""))
+    stem = str(Path(path).with_suffix("")) + "-" if opts.figures is None else f"{opts.figures}/"
     for lr in opts.lrs:
         for name, figure in (("curves", curves_figure(rows, lr)), ("cohort", cohort_figure(rows, lr))):
-            target = f"{stem}-{name}-lr{lr:g}.png"
+            target = f"{stem}{name}-lr{lr:g}.png"
             save_figure(figure, target)
             figures.append(target)
     wall = time.time() - start
