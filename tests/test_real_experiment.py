@@ -82,6 +82,10 @@ def test_a_run_is_reused_only_under_the_same_key(tmp_path):
     # ... what it computes does
     assert driver.run_key(_opts(steps=41), "sft", 5e-5, 0, configs=[config]) != key
     assert driver.run_key(_opts(), "sft", 5e-5, 1, configs=[config]) != key
+    # the analysis of the base depends on the data and the model, not on the training length
+    analysis = driver.run_key(_opts(), "analyze", 0, keyed=driver._KEYED_ANALYSIS)
+    assert driver.run_key(_opts(steps=41, batch_size=8), "analyze", 0, keyed=driver._KEYED_ANALYSIS) == analysis
+    assert driver.run_key(_opts(domain="math"), "analyze", 0, keyed=driver._KEYED_ANALYSIS) != analysis
     config.write_text("a: 2\n")
     assert driver.run_key(_opts(), "sft", 5e-5, 0, configs=[config]) != key
 

@@ -29,7 +29,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from eaft_pl.experiments.realmodel.datamodule import DOMAINS
 from eaft_pl.experiments.runner import THREADS, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli, ui_command
@@ -77,11 +77,11 @@ def _overrides(opts: argparse.Namespace, seed: int) -> List[str]:
     ]
 
 
-def run_key(opts: argparse.Namespace, *parts: Any, configs: Sequence[Path] = ()) -> str:
-    """A key of everything that determines one unit of work: the experiment's options that reach it,
-    ``parts`` (method, learning rate, seed, ...) and the text of its config files. A cached unit is
-    reused only under the same key."""
-    fields = {k: v for k, v in vars(opts).items() if k in _KEYED}
+def run_key(opts: argparse.Namespace, *parts: Any, configs: Sequence[Path] = (), keyed: Optional[Set[str]] = None) -> str:
+    """A key of everything that determines one unit of work: the experiment's options that reach it
+    (``keyed``, default: those of a fine-tuning run), ``parts`` (method, learning rate, seed, ...) and
+    the text of its config files. A cached unit is reused only under the same key."""
+    fields = {k: v for k, v in vars(opts).items() if k in (_KEYED if keyed is None else keyed)}
     recipe = json.dumps([fields, [str(p) for p in parts], [Path(c).read_text() for c in configs]], sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
@@ -91,6 +91,8 @@ _KEYED = {
     "model", "domain", "n_train", "n_test", "batch_size", "steps", "eval_every", "cohort_every", "threads", "analyze_examples",
     "max_new_tokens", "override",
 }  # fmt: skip
+#: The options that change the analysis of the base (not the training length or batch).
+_KEYED_ANALYSIS = {"model", "domain", "n_train", "analyze_examples", "max_new_tokens", "threads", "override"}
 
 
 def _cached(path: Path, key: str) -> Optional[Dict[str, Any]]:
@@ -114,7 +116,7 @@ def analyze_base(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
     on the base's own greedy answers to the same prompts; returns the shares of confident conflicts
     (absolute and quantile rules), mean p and H, and where the figures are."""
     folder = Path(opts.out) / f"analyze-seed{seed}"
-    key = run_key(opts, "analyze", seed, configs=[SETUP, METHODS / "eaft.yaml"])
+    key = run_key(opts, "analyze", seed, configs=[SETUP, METHODS / "eaft.yaml"], keyed=_KEYED_ANALYSIS)
     cached = _cached(folder / "record.json", key)
     if cached is not None:
         print(f"[analyze] seed {seed}: cached at {folder}", flush=True)
