@@ -17,7 +17,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # in 3 data orders (mean ± std over those). E.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all"
 DEMO_ARGS ?= --order_seeds 0 1 2
 
-.PHONY: demo results study quickstart figures gate-dynamics test docs install real-models smollm2 real-demo real-results clean
+.PHONY: demo results study quickstart figures gate-dynamics test docs install real-models smollm2 real-demo real-results real-pilot clean
 
 install: $(STAMP)
 
@@ -127,6 +127,12 @@ real-results: smollm2
 	cp outputs/results/realmodel/figures/curves-lr0.0001.png docs/img/real_demo_curves.png
 	cp outputs/results/realmodel/analyze-seed0/plane.png docs/img/real_demo_plane.png
 	$(BIN)/python scripts/render_results.py
+
+# The pilot of the study on the real model: SFT at 3 learning rates x 2 seeds for 120 steps, evaluated
+# every 20; it picks the rates and the length at which SFT's forgetting stands out of the seed spread
+# (about two hours on 2 cores; finished runs are reused, so it can be stopped and run again).
+real-pilot: smollm2
+	$(BIN)/python scripts/real_pilot.py --results docs/results/real_pilot.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -104,3 +104,29 @@ def test_bad_options_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         driver.main(["--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_the_pilot_finds_where_sft_forgets_beyond_the_seed_spread():
+    from eaft_pl.experiments.realmodel import pilot
+
+    def history(facts_by_step, base=0.5):
+        return [entry(0, 0.0, base)] + [entry(step, 0.5, facts, kl=step / 100) for step, facts in facts_by_step]
+
+    # lr 1e-4: both seeds drop 0.125 by step 20 (std 0): measurable at 20 (and still at 40)
+    # lr 3e-5: seed drops 0.0 and 0.125 at step 20 (mean below its 3 std); 0.125 and 0.1875 at 40
+    table = {
+        1e-4: pilot.drops({0: history([(20, 0.375), (40, 0.25)]), 1: history([(20, 0.375), (40, 0.25)])}),
+        3e-5: pilot.drops({0: history([(20, 0.5), (40, 0.375)]), 1: history([(20, 0.375), (40, 0.3125)])}),
+        1e-5: pilot.drops({0: history([(20, 0.5), (40, 0.5)]), 1: history([(20, 0.5), (40, 0.5)])}),
+    }
+    assert [p["step"] for p in table[1e-4]] == [20, 40]  # the base (step 0) is the reference, not a row
+    assert table[3e-5][1]["drop"]["mean"] == pytest.approx(0.15625) and table[1e-4][0]["kl"] == pytest.approx(0.2)
+    choice = pilot.choose(table, ratio=3.0, min_drop=0.0625)
+    assert choice["first_step"] == {"3e-05": 40, "0.0001": 20}
+    assert choice["lrs"] == [3e-5, 1e-4] and choice["steps"] == 40  # every chosen rate forgets by step 40
+    text = pilot.format_pilot(table, choice, 3.0, 0.0625)
+    assert "| 3e-05 | 20 | 6.2±8.8 | no |" in text and "| 0.0001 | 20 | 12.5±0.0 | yes |" in text
+    assert text.endswith("SFT forgets measurably at lr 3e-05, 0.0001; the study trains 40 steps.")
+    # one seed has no spread to compare with: never measurable; no forgetting at all is said so
+    assert pilot.choose({1e-5: table[1e-5]}, 3.0, 0.0625) == {"lrs": [], "first_step": {}, "steps": None, "rule": choice["rule"]}
+    assert "No learning rate and length in this pilot made SFT forget measurably" in pilot.format_pilot({1e-5: table[1e-5]}, pilot.choose({1e-5: table[1e-5]}, 3.0, 0.0625), 3.0, 0.0625)

@@ -235,18 +235,17 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _curves(members: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]:
-    """``<key of scores> -> [[step, mean, std], ...]`` over the seeds: the forgetting curves."""
+    """``<key of scores> -> [[step, mean, std], ...]`` over the seeds: the forgetting curves of every
+    number of :func:`scores` (the figure draws :data:`CURVES`)."""
     steps: Dict[int, List[Dict[str, float]]] = {}
     for run in members:
         for entry in run["history"]:
             steps.setdefault(entry["step"], []).append(scores(entry))
     out: Dict[str, List[List[float]]] = {}
     for step in sorted(steps):
-        for key, _ in CURVES:
-            values = [s[key] for s in steps[step] if key in s]
-            if values:
-                stat = mean_std(values)
-                out.setdefault(key, []).append([step, stat["mean"], stat["std"]])
+        for key in steps[step][0]:
+            stat = mean_std([s[key] for s in steps[step] if key in s])
+            out.setdefault(key, []).append([step, stat["mean"], stat["std"]])
     return out
 
 
