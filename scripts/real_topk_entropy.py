@@ -183,11 +183,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     tokens = out.pop("_tokens")
     result = {"model": BASE, "domain": "math", "seed": args.seed, "max_length": args.max_length, "mass_levels": list(MASS_LEVELS), "generate_s": generate_s, **out}
     if args.figure:
-        title = f"{BASE}, teacher-written math answers: {result['sets']['teacher']['tokens']} tokens"
-        result["figure"] = str(figure(tokens["teacher"], result["sets"]["teacher"], out["ks"], args.figure, title))
+        result["figure"] = str(args.figure)
     print(json.dumps(result, indent=2))
     if args.out:
+        # Stamped before the figure is drawn: a new PNG in the checkout would mark the commit dirty.
         write_results(args.out, result, stamp(command_line("scripts/real_topk_entropy.py", argv), time.time() - began))
+    if args.figure:
+        title = f"{BASE}, teacher-written math answers: {result['sets']['teacher']['tokens']} tokens"
+        figure(tokens["teacher"], result["sets"]["teacher"], out["ks"], args.figure, title)
     return result
 
 
