@@ -106,7 +106,7 @@ def markdown_table(sets: Dict[str, Dict[str, Any]], ks: Sequence[int]) -> str:
             s = summary["per_k"][str(k)]
             shares = " | ".join(f"{s[f'mass_above_{level:g}']:.1%}" for level in MASS_LEVELS)
             lines.append(
-                f"| {name} ({summary['tokens']} tokens) | {k} | {s['pearson']:.3f} | {s['spearman']:.3f} | {s['mean_topk']:.3f} | "
+                f"| {name.replace('_', ' ')} ({summary['tokens']} tokens) | {k} | {s['pearson']:.3f} | {s['spearman']:.3f} | {s['mean_topk']:.3f} | "
                 f"{s['mean_topk_norm']:.3f} | {s['mean_full']:.3f} | {s['mean_abs_diff']:.3f} | {shares} |"
             )
     return "\n".join(lines)
@@ -124,12 +124,16 @@ def greedy_examples(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
 
 
 def report(model: Any, tokenizer: Any, sets: Dict[str, Sequence[EncodedExample]], ks: Sequence[int], batch_size: int) -> Dict[str, Any]:
-    """Measure every named set of examples: per set :func:`summarise` (and its wall time), and the
+    """Measure every named set of examples (names without spaces: the docs' blocks address them by
+    key): per set :func:`summarise` (and its wall time), and the
     Markdown ``table`` of them all. Keeps the teacher set's per-token tensors under ``"_tokens"``
     for the figure (pop it before writing JSON)."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 2:
         raise ValueError(f"--ks must hold integers >= 2, got {ks}")
+    spaced = [name for name in sets if " " in name]
+    if spaced:
+        raise ValueError(f"report: set names {spaced} hold a space; the docs' results blocks cannot address them (use '_')")
     out: Dict[str, Any] = {"ks": ks, "sets": {}, "_tokens": {}}
     for name, examples in sets.items():
         began = time.perf_counter()
@@ -177,11 +181,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.n_greedy:
         start = time.time()
         prompts = [item["prompt"] for item in dm.eval_items()]
-        sets["base greedy"] = greedy_examples(model, tokenizer, prompts, dm.max_new_tokens, args.batch_size)
+        sets["base_greedy"] = greedy_examples(model, tokenizer, prompts, dm.max_new_tokens, args.batch_size)
         generate_s = round(time.time() - start, 1)
     out = report(model, tokenizer, sets, args.ks, args.batch_size)
     tokens = out.pop("_tokens")
-    result = {"model": BASE, "domain": "math", "seed": args.seed, "max_length": args.max_length, "mass_levels": list(MASS_LEVELS), "generate_s": generate_s, **out}
+    result = {"model": BASE, "vocab": int(model.config.vocab_size), "domain": "math", "seed": args.seed, "max_length": args.max_length, "mass_levels": list(MASS_LEVELS), "generate_s": generate_s, **out}
     if args.figure:
         result["figure"] = str(args.figure)
     print(json.dumps(result, indent=2))

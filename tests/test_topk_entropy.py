@@ -117,9 +117,13 @@ def test_the_report_has_every_figure_per_set_and_k(tiny, char_tokenizer):
     assert masses == sorted(masses)  # more tokens kept, more mass
     lines = out["table"].splitlines()
     assert len(lines) == 2 + 3 and lines[2].startswith(f"| teacher ({teacher['tokens']} tokens) | 2 |")
+    named = script.report(tiny, char_tokenizer, {"base_greedy": examples[:2]}, [2], batch_size=2)["table"]
+    assert named.splitlines()[2].startswith("| base greedy (")  # the key's underscore reads as a space
     assert out["_tokens"]["teacher"]["full"].shape == (teacher["tokens"],)
     with pytest.raises(ValueError, match="--ks must hold integers >= 2"):
         script.report(tiny, char_tokenizer, {"teacher": examples}, [1, 5], batch_size=2)
+    with pytest.raises(ValueError, match="hold a space"):
+        script.report(tiny, char_tokenizer, {"base greedy": examples}, [2], batch_size=2)
 
 
 def test_greedy_examples_supervise_exactly_the_generated_tokens(tiny, char_tokenizer):
