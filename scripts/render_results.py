@@ -37,6 +37,7 @@ PRODUCERS = {
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
+    "real_topk_entropy": "python scripts/real_topk_entropy.py --n_examples 200 --n_greedy 8 --ks 5 10 20 50 --batch_size 16 --out docs/results/real_topk_entropy.json --figure docs/img/real_topk_entropy.png",
 }
 #: ``<!-- results:NAME KEY [FORMAT] -->old<!-- /results -->``; old may span lines.
 BLOCK = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) (?P<key>[^ >]+)(?: (?P<fmt>[^ >]+))? -->(?P<old>.*?)<!-- /results -->", re.S)
