@@ -41,6 +41,7 @@ PRODUCERS = {
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
     "gemma_chunked": "python scripts/bench_hf_memory.py --model gemma3-270m --batch 2 --seq 128 --steps 2 --chunk_size 64 --out docs/results/gemma_chunked.json",
     "real_model_load": "python scripts/bench_model_load.py --models smollm2-135m-instruct gemma3-270m --out docs/results/real_model_load.json",
+    "real_topk_entropy": "python scripts/real_topk_entropy.py --n_examples 200 --n_greedy 8 --ks 5 10 20 50 --batch_size 16 --out docs/results/real_topk_entropy.json --figure docs/img/real_topk_entropy.png",
 }
 #: ``<!-- results:NAME KEY [FORMAT] -->old<!-- /results -->``; old may span lines.
 BLOCK = re.compile(r"<!-- results:(?P<name>[A-Za-z0-9_.-]+) (?P<key>[^ >]+)(?: (?P<fmt>[^ >]+))? -->(?P<old>.*?)<!-- /results -->", re.S)

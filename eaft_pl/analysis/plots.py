@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["PlanePanel", "plane_figure", "weights_figure", "pareto_figure", "pareto_front", "curves_figure", "save_figure"]
+__all__ = ["PlanePanel", "plane_figure", "weights_figure", "pareto_figure", "pareto_front", "curves_figure", "hexbin_figure", "save_figure"]
 
 #: One heatmap: title, ``(p_bins, h_bins)`` matrix (None = empty bin), colour-bar label, log colours.
 PlanePanel = Tuple[str, Sequence[Sequence[Optional[float]]], str, bool]
@@ -165,6 +165,65 @@ def curves_figure(
         ax.set_visible(False)
     if panels:
         axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def hexbin_figure(
+    panels: Sequence[Tuple[str, Sequence[float], Sequence[float]]],
+    *,
+    x_label: str,
+    y_label: str,
+    diagonal: bool = True,
+    ceilings: Optional[Sequence[Optional[float]]] = None,
+    ceiling_label: str = "",
+    gridsize: int = 40,
+    title: str = "",
+) -> Figure:
+    """Small multiples of point clouds too dense to scatter: one hexagon-binned panel per
+    ``(title, xs, ys)`` (log10 counts, empty cells blank), on shared axes so panels compare by eye.
+
+    Args:
+        panels: ``(title, xs, ys)`` per panel, one point per ``(x, y)`` pair (e.g. one per token).
+        x_label: Axis label of x.
+        y_label: Axis label of y.
+        diagonal: Draw ``y = x`` (where a panel would lie if y equalled x).
+        ceilings: Per panel, a y value to mark with a dotted line (e.g. ``ln K``, the most a top-K
+            entropy can reach), or None for none.
+        ceiling_label: Legend label of the ceiling lines.
+        gridsize: Hexagons across the x axis.
+        title: Figure title.
+    """
+    cols = min(4, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.6 * cols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True)).ravel()
+    arrays = [(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)) for _, xs, ys in panels]
+    # One extent for every panel: hexagons of the same size, and sharex/sharey show the same range.
+    top = max([float(max(a.max(), b.max())) for a, b in arrays if a.size] + [1e-9])
+    extent = (0.0, top, 0.0, top)
+    mesh = None
+    if ceilings is not None and len(ceilings) != len(panels):
+        raise ValueError(f"hexbin_figure: {len(ceilings)} ceilings for {len(panels)} panels; give one (or None) per panel")
+    for i, (ax, (panel_title, _, _), (xs, ys)) in enumerate(zip(axes, panels, arrays)):
+        if ceilings is not None and ceilings[i] is not None:
+            ax.axhline(ceilings[i], color="black", linestyle=":", linewidth=1, label=ceiling_label or None)
+        if xs.size:
+            mesh = ax.hexbin(xs, ys, gridsize=gridsize, bins="log", mincnt=1, extent=extent, cmap="viridis")
+        if diagonal:
+            ax.plot([0, top], [0, top], color="red", linestyle="--", linewidth=1, label="y = x")
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    for ax in axes[::cols]:
+        ax.set_ylabel(y_label)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=list(axes[: len(panels)]), label="tokens (log scale)")
+    if (diagonal or ceiling_label) and panels:
+        axes[0].legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -13,6 +13,8 @@ one implementation.
 - :func:`weight_summary`: how much of the SFT signal a gate keeps.
 - :func:`top_counts`: the most frequent conflict tokens and the conversations holding most of them.
 - :class:`PlaneAccumulator`: the sums of all of the above over many batches (one validation).
+- :func:`pearson`, :func:`spearman`, :func:`topk_agreement`: how closely the top-K entropy tracks
+  the full-vocabulary entropy (the paper's Fig. 6).
 
 **Tie rule of the quantile thresholds.** A token is in the bottom ``q`` of a statistic when its value
 is at most the threshold ``t``, the ``ceil(q * n)``-th smallest value, plus ``atol``. Every token tied
@@ -49,6 +51,10 @@ __all__ = [
     "REGIONS",
     "region_masks",
     "PlaneAccumulator",
+    "average_ranks",
+    "pearson",
+    "spearman",
+    "topk_agreement",
 ]
 
 
@@ -367,3 +373,75 @@ class PlaneAccumulator:
             self.sums[name] = flat[offset : offset + t.numel()].view_as(t).clone()
             offset += t.numel()
 
+
+
+# ---- top-K entropy against the full entropy (Fig. 6) ---------------------------------------------
+
+
+def _paired(x: Tensor, y: Tensor, who: str) -> Tuple[Tensor, Tensor]:
+    """``x`` and ``y`` as flat float64 vectors of the same length (at least two values)."""
+    if x.numel() != y.numel():
+        raise ValueError(f"{who}: x has {x.numel()} values but y has {y.numel()}; pass one value per token to both")
+    if x.numel() < 2:
+        raise ValueError(f"{who}: a correlation needs at least 2 values, got {x.numel()}")
+    return x.detach().double().flatten().cpu(), y.detach().double().flatten().cpu()
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson's correlation of ``x`` and ``y`` (float64); NaN when either is constant (undefined)."""
+    x, y = _paired(x, y, "pearson")
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = float(dx.norm() * dy.norm())
+    return float((dx * dy).sum()) / denom if denom > 0 else float("nan")
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of ``x`` (float64), tied values sharing the mean of their ranks: the rule that
+    makes Spearman's correlation the Pearson correlation of the ranks even with ties (confident
+    tokens tie at an entropy of 0 in fp32)."""
+    _, inverse, counts = torch.unique(x.detach().flatten(), sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # rank of the last member of each group of equal values
+    return (ends - (counts.double() - 1.0) / 2.0)[inverse]
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (ties get average ranks); 1 for any strictly
+    increasing map of ``x``, NaN when either is constant."""
+    x, y = _paired(x, y, "spearman")
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def topk_agreement(full: Tensor, topk: Tensor, mass: Tensor, k: int, mass_levels: Tuple[float, ...] = (0.9, 0.99)) -> Dict[str, float]:
+    """How closely the top-K entropy of a set of tokens tracks their full-vocabulary entropy.
+
+    Args:
+        full: ``(N,)`` full-vocabulary entropies (nats), :func:`eaft_pl.loss.stats.full_entropy`.
+        topk: ``(N,)`` top-K entropies (nats) of the same tokens, :func:`eaft_pl.loss.stats.topk_entropy`.
+        mass: ``(N,)`` probability mass of the K most probable tokens, :func:`eaft_pl.loss.stats.topk_mass`.
+        k: The K of ``topk`` and ``mass`` (for the normalised entropy ``H_K / ln K``, the EAFT weight).
+        mass_levels: Report the share of tokens whose top-K mass is above each level.
+
+    Returns:
+        ``pearson`` and ``spearman`` (top-K against full), ``mean_full`` and ``mean_topk`` (nats),
+        ``mean_topk_norm`` (mean ``H_K / ln K``), ``mean_abs_diff`` (mean ``|H_K - H|``, nats),
+        ``mean_mass``, ``mass_above_<level>`` per level and ``tokens``.
+    """
+    if k < 2:
+        raise ValueError(f"topk_agreement: k must be >= 2 (ln 1 = 0 normalises nothing), got {k}")
+    if mass.numel() != full.numel():
+        raise ValueError(f"topk_agreement: mass has {mass.numel()} values but full has {full.numel()}")
+    f, t = _paired(full, topk, "topk_agreement")
+    m = mass.detach().double().flatten().cpu()
+    out = {
+        "pearson": pearson(f, t),
+        "spearman": spearman(f, t),
+        "mean_full": float(f.mean()),
+        "mean_topk": float(t.mean()),
+        "mean_topk_norm": float(t.mean()) / math.log(k),
+        "mean_abs_diff": float((t - f).abs().mean()),
+        "mean_mass": float(m.mean()),
+    }
+    for level in mass_levels:
+        out[f"mass_above_{level:g}"] = float((m > level).double().mean())
+    out["tokens"] = int(f.numel())
+    return out

@@ -27,7 +27,9 @@ __all__ = [
     "TokenStats",
     "token_statistics",
     "topk_entropy",
+    "topk_mass",
     "full_entropy",
+    "supervised_index",
     "logit_grad_norm",
     "reduce_weighted",
     "divide_weighted_sum",
@@ -122,6 +124,23 @@ def topk_entropy(logits: Tensor, k: int) -> Tensor:
     logp = torch.log_softmax(top, dim=-1)  # (..., k)
     # p * logp with p = 0 (logit = -inf) is nan; such terms contribute 0 to the entropy.
     return -torch.nan_to_num(logp.exp() * logp, nan=0.0).sum(-1)  # (...)
+
+
+def topk_mass(logits: Tensor, k: int) -> Tensor:
+    """Probability mass of the ``k`` largest logits of each row: how much of the distribution the
+    top-K entropy sees (1 when the row's mass lies in those ``k`` tokens).
+
+    Args:
+        logits: ``(..., V)`` logits in any float dtype.
+        k: Number of logits kept; clamped to ``V``.
+
+    Returns:
+        ``(...)`` fp32 masses in ``[0, 1]``.
+    """
+    k = min(k, logits.shape[-1])
+    top = torch.topk(logits, k, dim=-1, sorted=False).values.float()  # (..., k)
+    # A ratio of partition functions, in log space: exp(lse(top) - lse(all)) never overflows.
+    return (torch.logsumexp(top, dim=-1) - torch.logsumexp(logits.float(), dim=-1)).exp().clamp(max=1.0)
 
 
 def full_entropy(logits: Tensor) -> Tensor:
@@ -275,6 +294,23 @@ def shifted_reference(reference: Optional[Dict[str, Tensor]], labels_shape: torc
     return out
 
 
+def supervised_index(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tuple[Tensor, Tensor]:
+    """The rows of the flattened ``(B*T, V)`` logits that predict a supervised token, and those tokens.
+
+    ``labels`` are aligned with ``input_ids`` (the Hugging Face convention): the logits at t predict
+    ``labels[t + 1]``, so the labels are shifted by one and the last position (no next token) is
+    dropped, like every position whose shifted label is ``ignore_index``.
+
+    Returns:
+        ``(index, y)``: the ``(N,)`` flat row indices, ascending, and the ``(N,)`` labels they predict.
+    """
+    # Shift the labels, not the logits: slicing or masking the (B, T, V) logits would copy them, and
+    # their backward would fill two more tensors of that size. The last position gets ignore_index.
+    shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,)
+    index = torch.nonzero(shift_labels != ignore_index).squeeze(1)  # (N,)
+    return index, shift_labels[index]
+
+
 def _validate_top_k(top_k: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2:
         raise ValueError(
@@ -321,12 +357,8 @@ def token_statistics(
     vocab = logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"the vocabulary must hold at least 2 tokens, got logits with {vocab}")
-    # Shift the labels, not the logits: slicing or masking the (B, T, V) logits would copy them, and
-    # their backward would fill two more tensors of that size. The last position gets ignore_index.
-    shift_labels = F.pad(labels[..., 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,)
     flat = logits.reshape(-1, vocab)  # (B*T, V), a view of contiguous logits
-    index = torch.nonzero(shift_labels != ignore_index).squeeze(1)  # (N,)
-    y = shift_labels[index]  # (N,)
+    index, y = supervised_index(labels, ignore_index)  # (N,), (N,)
     k = min(top_k, vocab)
     parts: Dict[str, Tensor] = {}
     ce = _RowsCrossEntropy.apply(flat, index, y, parts, k, compute_full_entropy, compute_grad_norm)  # (N,)
