@@ -15,14 +15,17 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 from eaft_pl.fileio import atomic_write
 
-__all__ = ["stamp", "write_results", "read_results", "git_commit", "machine", "command_line"]
+__all__ = [
+    "stamp", "write_results", "read_results", "git_commit", "machine", "command_line", "markdown_table", "emit", "finish",
+]  # fmt: skip
 
 #: The keys every stamp holds; :func:`read_results` refuses a file that lacks one.
 META_KEYS = ("command", "commit", "date", "wall_s", "machine")
@@ -121,3 +124,33 @@ def read_results(path: "str | Path") -> Dict[str, Any]:
     if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
         raise ValueError(f"{path} has no complete 'meta' stamp ({', '.join(META_KEYS)}); regenerate it with the command that wrote it")
     return data
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table of ``head`` and ``rows`` (each cell ``str()``-ed): the text a results file stores
+    under a key so that a docs page can render a whole table with one block."""
+    rows = [list(row) for row in rows]
+    bad = [row for row in rows if len(row) != len(head)]
+    if bad:
+        raise ValueError(f"markdown_table: a row has {len(bad[0])} cells, the head {len(head)}: {bad[0]}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    """Print one measured unit as one JSON line, flushed (a benchmark's stdout is JSON lines, one per
+    unit of work, so a reader can follow a long run and parse it line by line)."""
+    print(json.dumps(dict(record)), flush=True)
+
+
+def finish(script: str, results: Mapping[str, Any], started: float, out: "Optional[str | Path]", argv: Optional[list] = None) -> Dict[str, Any]:
+    """End a benchmark: stamp ``results`` with the running command (``python <script> <argv>``) and the
+    wall time since ``started`` (a ``time.perf_counter()`` value), print them as the last JSON line
+    (``{"summary": true, "meta": ..., **results}``) and, when ``out`` is given, write them there as a
+    results file. Returns the stamp."""
+    meta = stamp(command_line(script, argv), time.perf_counter() - started)
+    emit({"summary": True, "meta": meta, **results})
+    if out is not None:
+        write_results(out, results, meta)
+    return meta

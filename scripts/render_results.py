@@ -35,6 +35,12 @@ PRODUCERS = {
     "toyworld_small": "make results",
     "toyworld_study": "make study",
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
+    "bench_loss": "python scripts/bench_loss.py --out docs/results/bench_loss.json",
+    "bench_step": "python scripts/bench_step.py --out docs/results/bench_step.json",
+    "bench_diagnostics": "python scripts/bench_diagnostics.py --out docs/results/bench_diagnostics.json",
+    "bench_packing": "python scripts/bench_packing.py --out docs/results/bench_packing.json",
+    "bench_nonfinite_check": "python scripts/bench_nonfinite_check.py --out docs/results/bench_nonfinite_check.json",
+    "bench_hf_cache": "python scripts/bench_hf_cache.py --out docs/results/bench_hf_cache.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
 }
