@@ -54,7 +54,9 @@ def _version(name: str) -> Optional[str]:
 
 def machine() -> Dict[str, Any]:
     """The facts of this machine that can change a number: CPU count, torch's intra-op thread count
-    (it orders float reductions), the device, and the versions of Python and the numeric stack."""
+    (it orders float reductions), the device, the versions of Python and the numeric stack, and the
+    1-minute load average when the stamp was made (on a shared machine it says how much other work
+    competed with the measurement; ``None`` where the OS has no load average)."""
     import torch
 
     if torch.cuda.is_available():
@@ -70,6 +72,7 @@ def machine() -> Dict[str, Any]:
         "lightning": _version("lightning"),
         "transformers": _version("transformers"),
         "platform": platform.platform(),
+        "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 

@@ -24,7 +24,8 @@ def test_a_stamp_says_command_commit_date_and_machine():
 
     assert meta["machine"]["threads"] == torch.get_num_threads()
     assert meta["machine"]["torch"] == torch.__version__
-    assert set(meta["machine"]) == {"cpus", "threads", "device", "python", "torch", "lightning", "transformers", "platform"}
+    assert set(meta["machine"]) == {"cpus", "threads", "device", "python", "torch", "lightning", "transformers", "platform", "load_1min"}
+    assert meta["machine"]["load_1min"] is None or meta["machine"]["load_1min"] >= 0
     with pytest.raises(ValueError, match="command"):
         stamp("", 1.0)
     with pytest.raises(ValueError, match="wall_s"):
