@@ -60,10 +60,12 @@ def _read(name: str, cache: Dict[str, Any]) -> Dict[str, Any]:
 def describe_stamp(meta: Dict[str, Any]) -> str:
     """One sentence saying which command, commit and machine produced a results file."""
     m = meta["machine"]
+    # Stamps written before the load average was recorded lack it; their sentence stays as it was.
+    load = f", load average {m['load_1min']:.1f}" if m.get("load_1min") is not None else ""
     return (
         f"Written by `{meta['command']}` at commit `{meta['commit'][:12]}` on {meta['date'][:10]} "
         f"in {meta['wall_s']:.0f} s ({m['cpus']} CPUs, {m['threads']} torch threads, {m['device']}, "
-        f"torch {m['torch']}, Lightning {m['lightning']})."
+        f"torch {m['torch']}, Lightning {m['lightning']}{load})."
     )
 
 
