@@ -1,6 +1,6 @@
 """What the training diagnostics (DiagnosticsCallback, on by default) cost, relative to a training step.
 
-    python scripts/bench_diagnostics.py [--repeats 7] [--threads 2]
+    python scripts/bench_diagnostics.py [--repeats 15] [--threads 2]
     python scripts/bench_diagnostics.py --out docs/results/bench_diagnostics.json   # what docs/diagnostics.md shows
 
 On the embedded experiment's fine-tuning setup (its 1M-parameter model and 1.8k-word vocabulary, the
@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     """Time the diagnostics' parts against a training step; return the results (also printed, and
     written to ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the development machines have 2 cores)")
     ap.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_diagnostics.json)")
     opts = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """What the non-finite step check (EAFTModule._skip_nonfinite_step) costs, relative to a training step.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_nonfinite_check.py [--steps 10] [--repeats 2]
+    HF_HUB_OFFLINE=1 python scripts/bench_nonfinite_check.py [--steps 20] [--repeats 3]
     python scripts/bench_nonfinite_check.py --out docs/results/bench_nonfinite_check.json   # docs/reliability.md
 
 On the quickstart config (configs/setup/quickstart.yaml + configs/method/eaft.yaml: a 0.1M-parameter Llama, 2 micro-batches of 20 chats
@@ -76,8 +76,8 @@ def run(steps: int, check: bool, workdir: str) -> Dict[str, float]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Alternate runs with the check on and off; return the results (also printed, and written to ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first 2 are warm-up)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs with the check on, and as many with it off")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (the first 2 are warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs with the check on, and as many with it off")
     parser.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_nonfinite_check.json)")
     args = parser.parse_args(argv)
     if args.steps < 5:

@@ -15,7 +15,7 @@ round and its median reported. Absolute times on a shared machine mean little; t
 
 Usage::
 
-    python scripts/bench_packing.py                 # hidden 256, 2 layers, vocab 2048, 64 conversations
+    python scripts/bench_packing.py                 # hidden 256, 4 layers, vocab 2048, 64 conversations
     python scripts/bench_packing.py --rounds 5 --examples 128
     python scripts/bench_packing.py --out docs/results/bench_packing.json   # what docs/data.md shows
 
@@ -115,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train the epoch both ways in alternating rounds; return the results (also printed, and written to ``--out``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--examples", type=int, default=64)

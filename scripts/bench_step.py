@@ -17,7 +17,7 @@ the same thing (SFT's equals the bare loop's).
 
 Usage::
 
-    python scripts/bench_step.py                       # hidden 128, 2 layers; vocabularies 512 and 32,768
+    python scripts/bench_step.py                       # hidden 256, 4 layers; vocabularies 512 and 32,768
     python scripts/bench_step.py --vocabs 151936 --steps 5
     python scripts/bench_step.py --out docs/results/bench_step.json   # what docs/performance.md shows
 
@@ -180,13 +180,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Time the variants per vocabulary; return the results (also printed, and written to ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[512, 32768])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk_size", type=int, default=256, help="also time EAFT with this chunk_size (0: off)")
     parser.add_argument("--lr", type=float, default=1e-4)
