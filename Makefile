@@ -17,7 +17,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 # in 3 data orders (mean ± std over those). E.g. make demo DEMO_ARGS="--seeds 0 1 2 --methods all"
 DEMO_ARGS ?= --order_seeds 0 1 2
 
-.PHONY: demo results study quickstart figures gate-dynamics test docs install real-models smollm2 real-demo real-results real-pilot clean
+.PHONY: demo results study quickstart figures gate-dynamics benchmarks test docs install real-models smollm2 real-demo real-results real-pilot clean
 
 install: $(STAMP)
 
@@ -51,6 +51,17 @@ study: $(STAMP)
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 2 --methods all --lrs 3e-4 1e-3 3e-3 \
 		--out outputs/toyworld --tracking_uri sqlite:///outputs/study/mlflow.db --results docs/results/toyworld_study.json \
 		--cohort_figure outputs/study/cohort.png
+	$(BIN)/python scripts/render_results.py
+
+# The benchmarks the docs quote (performance, diagnostics, data, reliability, Hugging Face pages): each
+# script writes its stamped results file (docs/results/bench_*.json) at its default sizes (a few minutes
+# each on 2 cores), then the pages' blocks are refilled. As with `make results`: commit the code first,
+# run this, then commit the files. Ratios measured side by side in one run are the headline figures.
+BENCHMARKS := loss step diagnostics packing nonfinite_check hf_cache hf_memory
+benchmarks: $(STAMP)
+	for name in $(BENCHMARKS); do \
+		$(BIN)/python scripts/bench_$$name.py --out docs/results/bench_$$name.json || exit 1; \
+	done
 	$(BIN)/python scripts/render_results.py
 
 # The pipeline in 40 seconds: a tiny model trained from scratch on 400 chats with SFT and EAFT.

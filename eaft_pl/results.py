@@ -19,11 +19,13 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 from eaft_pl.fileio import atomic_write
 
-__all__ = ["stamp", "write_results", "read_results", "git_commit", "machine", "command_line", "publish"]
+__all__ = [
+    "stamp", "write_results", "read_results", "git_commit", "machine", "command_line", "markdown_table", "emit", "finish",
+]  # fmt: skip
 
 #: The keys every stamp holds; :func:`read_results` refuses a file that lacks one.
 META_KEYS = ("command", "commit", "date", "wall_s", "machine")
@@ -52,7 +54,9 @@ def _version(name: str) -> Optional[str]:
 
 def machine() -> Dict[str, Any]:
     """The facts of this machine that can change a number: CPU count, torch's intra-op thread count
-    (it orders float reductions), the device, and the versions of Python and the numeric stack."""
+    (it orders float reductions), the device, the versions of Python and the numeric stack, and the
+    1-minute load average when the stamp was made (on a shared machine it says how much other work
+    competed with the measurement; ``None`` where the OS has no load average)."""
     import torch
 
     if torch.cuda.is_available():
@@ -68,6 +72,7 @@ def machine() -> Dict[str, Any]:
         "lightning": _version("lightning"),
         "transformers": _version("transformers"),
         "platform": platform.platform(),
+        "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -109,20 +114,6 @@ def write_results(path: "str | Path", results: Mapping[str, Any], meta: Mapping[
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
-def publish(script: str, argv: Optional[list], report: Mapping[str, Any], started: float, out: "str | Path | None") -> Dict[str, Any]:
-    """A measuring script's last step: stamp ``report`` (the command ``python <script> <argv>``, the
-    wall time since ``started``, a ``time.time()``), print it as indented JSON and, when ``out`` is
-    given, write it there as a results file. Returns the stamped object that was printed.
-
-    ``argv`` is what the user typed (``None``: this process's ``sys.argv[1:]``), so a script's own
-    worker flags, which the parent never sees, stay out of the recorded command."""
-    meta = stamp(command_line(script, argv), time.time() - started)
-    print(json.dumps({"meta": meta, **report}, indent=2))
-    if out is not None:
-        write_results(out, report, meta)
-    return {"meta": meta, **dict(report)}
-
-
 def read_results(path: "str | Path") -> Dict[str, Any]:
     """Read a results file, checking that it carries a complete stamp."""
     path = Path(path)
@@ -136,3 +127,33 @@ def read_results(path: "str | Path") -> Dict[str, Any]:
     if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
         raise ValueError(f"{path} has no complete 'meta' stamp ({', '.join(META_KEYS)}); regenerate it with the command that wrote it")
     return data
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table of ``head`` and ``rows`` (each cell ``str()``-ed): the text a results file stores
+    under a key so that a docs page can render a whole table with one block."""
+    rows = [list(row) for row in rows]
+    bad = [row for row in rows if len(row) != len(head)]
+    if bad:
+        raise ValueError(f"markdown_table: a row has {len(bad[0])} cells, the head {len(head)}: {bad[0]}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    """Print one measured unit as one JSON line, flushed (a benchmark's stdout is JSON lines, one per
+    unit of work, so a reader can follow a long run and parse it line by line)."""
+    print(json.dumps(dict(record)), flush=True)
+
+
+def finish(script: str, results: Mapping[str, Any], started: float, out: "Optional[str | Path]", argv: Optional[list] = None) -> Dict[str, Any]:
+    """End a benchmark: stamp ``results`` with the running command (``python <script> <argv>``) and the
+    wall time since ``started`` (a ``time.perf_counter()`` value), print them as the last JSON line
+    (``{"summary": true, "meta": ..., **results}``) and, when ``out`` is given, write them there as a
+    results file. Returns the stamp."""
+    meta = stamp(command_line(script, argv), time.perf_counter() - started)
+    emit({"summary": True, "meta": meta, **results})
+    if out is not None:
+        write_results(out, results, meta)
+    return meta

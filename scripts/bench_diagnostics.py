@@ -1,6 +1,7 @@
 """What the training diagnostics (DiagnosticsCallback, on by default) cost, relative to a training step.
 
-    python scripts/bench_diagnostics.py [--repeats 7] [--threads 2]
+    python scripts/bench_diagnostics.py [--repeats 15] [--threads 2]
+    python scripts/bench_diagnostics.py --out docs/results/bench_diagnostics.json   # what docs/diagnostics.md shows
 
 On the embedded experiment's fine-tuning setup (its 1M-parameter model and 1.8k-word vocabulary, the
 domain training batch of 16, the two validation sets of 67 and 500 conversations at batch 256), it
@@ -13,7 +14,9 @@ figure):
 - ``report_json_ms`` / ``report_png_ms``: the per-evaluation summary and its PNG (one set).
 
 and derives the cost of the diagnostics per validation pass (3 batches, 2 sets), in training steps,
-and as a share of the experiment's 200-step run with its 4 validation passes. Prints one JSON object.
+and as a share of the experiment's 200-step run with its 4 validation passes. Prints one JSON line per
+timed operation and a last ``summary`` line (with the stamp of :mod:`eaft_pl.results` and the table
+the docs show); ``--out`` writes it as a results file.
 """
 
 from __future__ import annotations
@@ -23,15 +26,28 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
+
+from eaft_pl.results import emit, finish, markdown_table  # noqa: E402
+
+#: The timed operations: key of :func:`best_ms`, name in the output, row label in the docs' table.
+OPERATIONS = (
+    ("train", "train_step_ms", "one training step"),
+    ("eval", "eval_batch_ms", "one validation batch, without diagnostics"),
+    ("eval_diag", "eval_batch_diag_ms", "one validation batch, with the gradient norm and the histograms"),
+    ("png", "report_png_ms", "the PNG of one set and evaluation"),
+    ("json", "report_json_ms", "the JSON of one set and evaluation"),
+)
 
 
 def best_ms(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
@@ -48,11 +64,15 @@ def best_ms(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, flo
     return {name: min(t) for name, t in times.items()}
 
 
-def main() -> Dict[str, object]:
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    """Time the diagnostics' parts against a training step; return the results (also printed, and
+    written to ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the development machines have 2 cores)")
-    opts = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_diagnostics.json)")
+    opts = ap.parse_args(argv)
+    started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
@@ -120,7 +140,10 @@ def main() -> Dict[str, object]:
         },
         r,
     )
-    train_ms, eval_ms, eval_diag_ms, json_ms, png_ms = (t[k] for k in ("train", "eval", "eval_diag", "json", "png"))
+    ms = {name: t[key] for key, name, _ in OPERATIONS}
+    for key, name, _ in OPERATIONS:
+        emit({"measure": name, "best_ms": round(ms[name], 3), "repeats": r, "vs_train_step": round(ms[name] / ms["train_step_ms"], 3)})
+    train_ms, eval_ms, eval_diag_ms, json_ms, png_ms = (ms[k] for k in ("train_step_ms", "eval_batch_ms", "eval_batch_diag_ms", "report_json_ms", "report_png_ms"))
 
     # One validation pass of the embedded experiment: the domain set (67 conversations, 1 batch) and the
     # general set (500, 2 batches); a report (JSON + PNG) per set. The experiment's run: 200 steps, a
@@ -128,24 +151,26 @@ def main() -> Dict[str, object]:
     batches, sets, passes, steps = 3, 2, 4, 200
     per_pass_ms = batches * (eval_diag_ms - eval_ms) + sets * (json_ms + png_ms)
     per_pass_no_png_ms = batches * (eval_diag_ms - eval_ms) + sets * json_ms
+    overhead = eval_diag_ms / eval_ms - 1
+    rows = []
+    for _, name, label in OPERATIONS:
+        extra = f" (+{overhead:.0%})" if name == "eval_batch_diag_ms" else ""
+        rows.append([label, f"{ms[name]:.1f} ms{extra}", f"{ms[name] / train_ms:.2f}"])
     result = {
-        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {opts.threads} threads",
-        "repeats": r,
-        "vocab": len(module.tokenizer),
-        "train_batch": list(train_batch["input_ids"].shape),
-        "val_batch": list(val_batch["input_ids"].shape),
-        "train_step_ms": round(train_ms, 2),
-        "eval_batch_ms": round(eval_ms, 2),
-        "eval_batch_diag_ms": round(eval_diag_ms, 2),
-        "eval_batch_overhead": round(eval_diag_ms / eval_ms - 1, 3),
-        "report_json_ms": round(json_ms, 2),
-        "report_png_ms": round(png_ms, 2),
+        "settings": {
+            "repeats": r, "threads": opts.threads, "vocab": len(module.tokenizer),
+            "train_batch": list(train_batch["input_ids"].shape), "val_batch": list(val_batch["input_ids"].shape),
+            "validation_batches_per_pass": batches, "validation_sets": sets, "validation_passes": passes, "run_steps": steps,
+        },  # fmt: skip
+        **{name: round(value, 2) for name, value in ms.items()},
+        "eval_batch_overhead": round(overhead, 3),
         "diagnostics_per_validation_ms": round(per_pass_ms, 1),
         "diagnostics_per_validation_in_train_steps": round(per_pass_ms / train_ms, 2),
         "diagnostics_share_of_run": round(passes * per_pass_ms / (steps * train_ms), 4),
         "diagnostics_share_of_run_without_png": round(passes * per_pass_no_png_ms / (steps * train_ms), 4),
+        "table": markdown_table(["what", f"time (best of {r})", "in training steps"], rows),
     }
-    print(json.dumps(result, indent=2))
+    finish("scripts/bench_diagnostics.py", result, started, opts.out, argv)
     return result
 
 

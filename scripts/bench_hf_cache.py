@@ -10,42 +10,51 @@ Usage::
 
     python scripts/bench_hf_cache.py              # 20,000 rows
     python scripts/bench_hf_cache.py --rows 5000
+    python scripts/bench_hf_cache.py --out docs/results/bench_hf_cache.json   # the file docs/data.md shows
 
-Prints one JSON line per measurement and a ``summary`` line with the ratios.
+Prints one JSON line per measurement and a last ``summary`` line with the ratios and the stamp of
+:mod:`eaft_pl.results`; ``--out`` writes them as a results file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from eaft_pl.data import ChatJsonlDataModule, HFChatDataModule  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
+
+from eaft_pl.data import ChatJsonlDataModule, HFChatDataModule  # noqa: E402
+from eaft_pl.results import emit, finish  # noqa: E402
+
 QUICKSTART = REPO / "data" / "quickstart"
 
 
 def timed(name: str, setup: Callable[[], Any]) -> Dict[str, Any]:
+    """Run one DataModule ``setup`` and print (and return) its wall time and example count."""
     start = time.perf_counter()
     datamodule = setup()
     seconds = time.perf_counter() - start
     record = {"measure": name, "seconds": round(seconds, 3), "examples": len(datamodule.datasets["train"])}
-    print(json.dumps(record), flush=True)
+    emit(record)
     return record
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Time the three setups and return the results (also printed, and written to ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000, help="rows of the training file")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_hf_cache.json)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
 
     lines = (QUICKSTART / "train.jsonl").read_text().splitlines()
     with tempfile.TemporaryDirectory(prefix="bench-hf-cache-") as tmp:
@@ -66,14 +75,18 @@ def main() -> None:
         first = timed("hf_first_setup", hf)
         second = timed("hf_cached_setup", hf)
         plain = timed("jsonl_setup", jsonl)
-    assert first["examples"] == second["examples"] == plain["examples"]
-    summary = {
-        "summary": True,
-        "rows": args.rows,
-        "cached_over_first": round(second["seconds"] / first["seconds"], 4),
-        "first_over_jsonl": round(first["seconds"] / plain["seconds"], 3),
+    if not first["examples"] == second["examples"] == plain["examples"]:
+        raise SystemExit(f"the three setups read different example counts: {first}, {second}, {plain}")
+    results = {
+        "settings": {"rows": args.rows, "max_length": 192, "data": "data/quickstart/train.jsonl repeated"},
+        "measures": {r["measure"]: r for r in (first, second, plain)},
+        "ratios": {
+            "cached_over_first": round(second["seconds"] / first["seconds"], 4),
+            "first_over_jsonl": round(first["seconds"] / plain["seconds"], 3),
+        },
     }
-    print(json.dumps(summary))
+    finish("scripts/bench_hf_cache.py", results, started, args.out, argv)
+    return results
 
 
 if __name__ == "__main__":

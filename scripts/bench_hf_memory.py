@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
 
-from eaft_pl.results import publish  # noqa: E402
+from eaft_pl.results import finish  # noqa: E402
 VARIANTS = ("full", "lean")
 
 
@@ -184,13 +184,13 @@ def main(argv=None) -> None:
     if args.variant is not None:
         print(json.dumps(worker(args)), flush=True)
         return
-    start = time.time()
+    started = time.perf_counter()
     if args.model is not None:
         from eaft_pl.models.gguf import resolve_model_path
 
         resolve_model_path(args.model)  # convert a GGUF here, once, not inside a measured variant
     report = summarise(args, {v: run_variant(args, v) for v in VARIANTS})
-    publish("scripts/bench_hf_memory.py", argv, report, start, args.out)
+    finish("scripts/bench_hf_memory.py", report, started, args.out, argv)
 
 
 if __name__ == "__main__":

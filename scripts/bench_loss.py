@@ -17,10 +17,12 @@ the shared machine hits them all; the median time over all rounds is reported.
 
 Usage::
 
-    python scripts/bench_loss.py                    # V=151,936, H=1,024, 4,096 tokens, fp32
-    python scripts/bench_loss.py --vocab 32000 --tokens 2048 --reps 5
+    python scripts/bench_loss.py                    # V=151,936, H=512, 2,048 tokens, fp32, 2 rounds
+    python scripts/bench_loss.py --hidden 1024 --tokens 4096 --rounds 3   # larger: about 4x the time
+    python scripts/bench_loss.py --out docs/results/bench_loss.json       # what docs/performance.md shows
 
-Prints one JSON line per variant, then a ``summary`` line with the ratios and the issue's targets.
+Prints one JSON line per variant, then a last ``summary`` line with the ratios, the issue's targets,
+the table the docs show and the stamp of :mod:`eaft_pl.results`; ``--out`` writes it as a results file.
 """
 
 from __future__ import annotations
@@ -34,21 +36,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
+
+from eaft_pl.results import emit, finish, markdown_table  # noqa: E402
+
+#: The variants' row labels in the docs' table.
+LABELS = {
+    "lf": "(a) LLaMA-Factory's `eaft_loss_func` on full logits",
+    "plain": "(b) eaft-pl plain path (`eaft_loss`)",
+    "chunked": "(c) eaft-pl chunked, `chunk_size` {chunk}",
+    "ce": "(d) `F.cross_entropy` SFT on full logits",
+}
 
 
 def current_rss_mb() -> float:
+    """This process's resident set now, in MiB."""
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def make_inputs(args):
+    """Random hidden states, an LM-head weight with a spread of entropies, and labels with a prompt third."""
     import torch
 
     g = torch.Generator().manual_seed(args.seed)
@@ -61,6 +78,7 @@ def make_inputs(args):
 
 
 def loss_function(variant: str, chunk_size: int):
+    """``(hidden, weight, labels) -> loss`` of ``variant``."""
     import torch
     import torch.nn.functional as F
 
@@ -90,6 +108,7 @@ def loss_function(variant: str, chunk_size: int):
 
 
 def worker(args) -> dict:
+    """Run one variant in this process: its times, peak memory above the start, loss and gradient norm."""
     import torch
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -123,16 +142,21 @@ def worker(args) -> dict:
 
 
 def run_variant(args, variant: str, chunk_size: int) -> dict:
+    """One variant in a fresh process (the same sizes), its worker's JSON line."""
     cmd = [sys.executable, __file__, "--worker", variant, "--chunk_size", str(chunk_size)]
     for name in ("vocab", "hidden", "tokens", "batch", "reps", "warmup", "seed", "threads"):  # not rounds
         cmd += [f"--{name}", str(getattr(args, name))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"variant {variant} (chunk_size {chunk_size}) failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def summarise(results: list) -> dict:
+    """Each chunked variant's and the plain path's ratios to LLaMA-Factory's, the floor and plain CE,
+    and whether they meet the issue's targets."""
     by = {r["variant"]: r for r in results}
-    summary = {"summary": True}
+    summary: Dict[str, Any] = {}
     if "lf" in by and "ce" in by:
         for name, r in by.items():
             if name.startswith("chunked"):
@@ -153,22 +177,43 @@ def summarise(results: list) -> dict:
             "time_vs_lf": round(p["median_s"] / a["median_s"], 3),
             "targets_met": p["peak_mb"] <= a["peak_mb"] and p["median_s"] <= a["median_s"],
         }
+    for entry in summary.values():  # the word a page shows next to the boolean
+        entry["targets"] = "met" if entry["targets_met"] else "not met"
     return summary
 
 
-def main(argv=None) -> None:
+def loss_table(results: List[Dict[str, Any]]) -> str:
+    """The docs' table: each variant's peak memory and median time, and their ratios to LLaMA-Factory's
+    (a), to the floor and to plain CE (d). Needs the variants ``lf`` and ``ce``."""
+    by = {r["variant"]: r for r in results}
+    lf, ce = by["lf"], by["ce"]
+    rows = []
+    for r in results:
+        name, _, chunk = r["variant"].partition("@")
+        rows.append([
+            LABELS[name].format(chunk=chunk), f"{r['peak_mb']:,.0f} MB", f"{r['peak_mb'] / lf['peak_mb']:.2f}",
+            f"{r['peak_mb'] / r['floor_mb']:.2f}", f"{r['median_s']:.2f} s", f"{r['median_s'] / lf['median_s']:.2f}",
+            f"{r['median_s'] / ce['median_s']:.2f}",
+        ])  # fmt: skip
+    head = ["variant", "peak memory", "vs LLaMA-Factory", "vs floor", "median time (fwd + bwd)", "vs LLaMA-Factory", "vs plain CE"]
+    return markdown_table(head, rows)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the variants in turns; return the results (also printed, and written to ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=151_936)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--tokens", type=int, default=4096, help="total tokens, split into --batch sequences")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=2048, help="total tokens, split into --batch sequences")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=["lf", "plain", "chunked", "ce"])
     parser.add_argument("--chunk_sizes", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, each in fresh processes")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all variants, each in fresh processes")
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_loss.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--chunk_size", type=int, default=1024, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -176,7 +221,8 @@ def main(argv=None) -> None:
         parser.error("--tokens must be a multiple of --batch")
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
-        return
+        return {}
+    started = time.perf_counter()
     jobs = [(v, c) for v in args.variants for c in (args.chunk_sizes if v == "chunked" else [0])]
     rounds = [[run_variant(args, v, c) for v, c in jobs] for _ in range(args.rounds)]
     results = []
@@ -186,8 +232,17 @@ def main(argv=None) -> None:
         result["median_s"] = round(statistics.median(result["times_s"]), 3)
         result["peak_mb"] = max(r["peak_mb"] for r in runs)
         results.append(result)
-        print(json.dumps(result), flush=True)
-    print(json.dumps(summarise(results)), flush=True)
+        emit(result)
+    report: Dict[str, Any] = {
+        "settings": {k: getattr(args, k) for k in ("vocab", "hidden", "tokens", "batch", "variants", "chunk_sizes", "rounds", "reps", "warmup", "seed", "threads")},
+        "variants": {r["variant"]: r for r in results},
+        "ratios": summarise(results),
+        "chunk_buffer_mb": {str(c): round(c * args.vocab * 4 / 2**20, 1) for c in args.chunk_sizes},  # one fp32 (chunk, V) buffer
+    }
+    if "lf" in args.variants and "ce" in args.variants:
+        report["table"] = loss_table(results)
+    finish("scripts/bench_loss.py", report, started, args.out, argv)
+    return report
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
 
-from eaft_pl.results import publish  # noqa: E402
+from eaft_pl.results import finish  # noqa: E402
 
 PHASES = ("cold", "warm")
 MB = 2**20
@@ -177,9 +177,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.worker is not None:
         print(json.dumps(measure_load(args.worker, args.phase)), flush=True)
         return
-    start = time.time()
+    started = time.perf_counter()
     report = summarise({name: measure_model(name) for name in args.models})
-    publish("scripts/bench_model_load.py", argv, report, start, args.out)
+    finish("scripts/bench_model_load.py", report, started, args.out, argv)
 
 
 if __name__ == "__main__":

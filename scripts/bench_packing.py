@@ -17,29 +17,37 @@ Usage::
 
     python scripts/bench_packing.py                 # hidden 256, 4 layers, vocab 2048, 64 conversations
     python scripts/bench_packing.py --rounds 5 --examples 128
+    python scripts/bench_packing.py --out docs/results/bench_packing.json   # what docs/data.md shows
 
-Prints one JSON line per (round, variant) and a ``summary`` line: supervised tokens per second,
-optimizer steps per second, the padding share of each variant and the packed/unpacked ratios.
+Prints a ``setup`` line, one JSON line per (round, variant) and a last ``summary`` line: supervised
+tokens per second, optimizer steps per second, the padding share of each variant, the packed/unpacked
+ratios, the table the docs show and the stamp of :mod:`eaft_pl.results`; ``--out`` writes it as a
+results file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
+import sys
 import tempfile
 import time
-from typing import Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from eaft_pl.data.chat import EncodedExample, collate
-from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
-from eaft_pl.loss.gates import EAFTGate, SFTGate
-from eaft_pl.module import EAFTModule
-from eaft_pl.models.char_tokenizer import build_char_tokenizer
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's eaft_pl when run as a script
+
+from eaft_pl.data.chat import EncodedExample, collate  # noqa: E402
+from eaft_pl.data.packing import PackingStats, collate_packed, pack_examples, packing_stats  # noqa: E402
+from eaft_pl.loss.gates import EAFTGate, SFTGate  # noqa: E402
+from eaft_pl.models.char_tokenizer import build_char_tokenizer  # noqa: E402
+from eaft_pl.module import EAFTModule  # noqa: E402
+from eaft_pl.results import emit, finish, markdown_table  # noqa: E402
 
 
 def synthetic_examples(n: int, min_length: int, max_length: int, vocab: int, seed: int) -> List[EncodedExample]:
@@ -55,6 +63,7 @@ def synthetic_examples(n: int, min_length: int, max_length: int, vocab: int, see
 
 
 def batches(examples: List[EncodedExample], packed: bool, batch_size: int, max_length: int) -> List[Dict[str, torch.Tensor]]:
+    """The epoch's batches: ``batch_size`` padded conversations, or ``batch_size`` packed rows."""
     if packed:
         rows = pack_examples(examples, max_length)
         return [collate_packed(rows[i : i + batch_size], pad_token_id=0) for i in range(0, len(rows), batch_size)]
@@ -85,7 +94,25 @@ def run_epoch(module: EAFTModule, initial: Dict[str, torch.Tensor], data: List[D
     }
 
 
-def main() -> None:
+def packing_table(results: Dict[str, List[Dict[str, float]]], packing: PackingStats, examples: int, ratios: Dict[str, Any]) -> str:
+    """The docs' table: the epoch's shape, its padding, and the two rates with their packed/unpacked ratios."""
+    u, p = results["unpacked"][0], results["packed"][0]
+    rounds = ", ".join(f"{x:.2f}" for x in ratios["tokens_per_s_by_round"])
+    rates = {v: {k: statistics.median(x[k] for x in results[v]) for k in ("tokens_per_s", "steps_per_s")} for v in results}
+    return markdown_table(
+        ["", "unpacked", "packed", "packed / unpacked"],
+        [
+            ["rows (steps) per epoch", f"{examples} conversations ({u['steps']} steps)", f"{packing.rows} rows, fill ratio {packing.fill_ratio:.1%} ({p['steps']} steps)", ""],
+            ["token positions computed per epoch", f"{u['slots']:,}", f"{p['slots']:,}", f"{p['slots'] / u['slots']:.2f}×"],
+            ["padding share of the computed positions", f"{ratios['padding_share']['unpacked']:.1%}", f"{ratios['padding_share']['packed']:.1%}", ""],
+            ["supervised tokens per second (median)", f"{rates['unpacked']['tokens_per_s']:.1f}", f"{rates['packed']['tokens_per_s']:.1f}", f"**{ratios['median_ratio_tokens_per_s']:.2f}×** (rounds: {rounds})"],
+            ["optimizer steps per second (median)", f"{rates['unpacked']['steps_per_s']:.3f}", f"{rates['packed']['steps_per_s']:.3f}", f"{ratios['median_ratio_steps_per_s']:.2f}× (a packed step holds more tokens)"],
+        ],
+    )  # fmt: skip
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train the epoch both ways in alternating rounds; return the results (also printed, and written to ``--out``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -100,7 +127,9 @@ def main() -> None:
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, help="also write the results file here (docs/results/bench_packing.json)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -124,7 +153,8 @@ def main() -> None:
     examples = synthetic_examples(args.examples, args.min_length, args.max_length, args.vocab, args.seed)
     packing = packing_stats(pack_examples(examples, args.max_length), args.max_length)
     data = {variant: batches(examples, variant == "packed", args.batch_size, args.max_length) for variant in ("unpacked", "packed")}
-    print(json.dumps({"setup": {**vars(args), "threads": torch.get_num_threads(), "packing": packing.as_dict()}}), flush=True)
+    settings = {**{k: v for k, v in vars(args).items() if k != "out"}, "threads": torch.get_num_threads()}
+    emit({"setup": {**settings, "packing": packing.as_dict()}})
 
     for variant in data:  # warm-up: one step of each (allocator, kernels), not timed
         run_epoch(module, initial, data[variant][:1], lr=1e-4)
@@ -133,22 +163,27 @@ def main() -> None:
         for variant in (("unpacked", "packed") if r % 2 == 0 else ("packed", "unpacked")):
             record = run_epoch(module, initial, data[variant], lr=1e-4)
             results[variant].append(record)
-            print(json.dumps({"round": r, "variant": variant, **record}), flush=True)
+            emit({"round": r, "variant": variant, **record})
 
     def ratio(key: str) -> float:
         return statistics.median(p[key] / u[key] for p, u in zip(results["packed"], results["unpacked"]))
 
     summary = {
         "median_ratio_tokens_per_s": round(ratio("tokens_per_s"), 3),
+        "tokens_per_s_by_round": [round(p["tokens_per_s"] / u["tokens_per_s"], 3) for p, u in zip(results["packed"], results["unpacked"])],
         "median_ratio_steps_per_s": round(ratio("steps_per_s"), 3),
         "epoch_time_ratio_unpacked_over_packed": round(1 / ratio("seconds"), 3),
+        "positions_ratio_unpacked_over_packed": round(results["unpacked"][0]["slots"] / results["packed"][0]["slots"], 3),
         "padding_share": {
             v: round(1 - packing.tokens / results[v][0]["slots"], 4) for v in ("unpacked", "packed")
         },
         "steps_per_epoch": {v: results[v][0]["steps"] for v in ("unpacked", "packed")},
         "median_tokens_per_s": {v: statistics.median(x["tokens_per_s"] for x in results[v]) for v in ("unpacked", "packed")},
     }
-    print(json.dumps({"summary": summary}), flush=True)
+    out = {"settings": settings, "packing": packing.as_dict(), "rounds": results, **summary}
+    out["table"] = packing_table(results, packing, args.examples, summary)
+    finish("scripts/bench_packing.py", out, started, args.out, argv)
+    return out
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ PRODUCERS = {
     "toyworld_study": "make study",
     "real_demo": "make real-results",
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
+    "bench_loss": "python scripts/bench_loss.py --out docs/results/bench_loss.json",
+    "bench_step": "python scripts/bench_step.py --out docs/results/bench_step.json",
+    "bench_diagnostics": "python scripts/bench_diagnostics.py --out docs/results/bench_diagnostics.json",
+    "bench_packing": "python scripts/bench_packing.py --out docs/results/bench_packing.json",
+    "bench_nonfinite_check": "python scripts/bench_nonfinite_check.py --out docs/results/bench_nonfinite_check.json",
+    "bench_hf_cache": "python scripts/bench_hf_cache.py --out docs/results/bench_hf_cache.json",
     "real_domains_base": "python scripts/real_domains_base.py --n_test 30 --batch_size 10 --output docs/results/real_domains_base.json",
     "real_base_suites": "python scripts/measure_general_suites.py --output docs/results/real_base_suites.json",
     "gemma_chunked": "python scripts/bench_hf_memory.py --model gemma3-270m --batch 2 --seq 128 --steps 2 --chunk_size 64 --out docs/results/gemma_chunked.json",
@@ -59,10 +65,12 @@ def _read(name: str, cache: Dict[str, Any]) -> Dict[str, Any]:
 def describe_stamp(meta: Dict[str, Any]) -> str:
     """One sentence saying which command, commit and machine produced a results file."""
     m = meta["machine"]
+    # Stamps written before the load average was recorded lack it; their sentence stays as it was.
+    load = f", load average {m['load_1min']:.1f}" if m.get("load_1min") is not None else ""
     return (
         f"Written by `{meta['command']}` at commit `{meta['commit'][:12]}` on {meta['date'][:10]} "
         f"in {meta['wall_s']:.0f} s ({m['cpus']} CPUs, {m['threads']} torch threads, {m['device']}, "
-        f"torch {m['torch']}, Lightning {m['lightning']})."
+        f"torch {m['torch']}, Lightning {m['lightning']}{load})."
     )
 
 

@@ -24,7 +24,8 @@ def test_a_stamp_says_command_commit_date_and_machine():
 
     assert meta["machine"]["threads"] == torch.get_num_threads()
     assert meta["machine"]["torch"] == torch.__version__
-    assert set(meta["machine"]) == {"cpus", "threads", "device", "python", "torch", "lightning", "transformers", "platform"}
+    assert set(meta["machine"]) == {"cpus", "threads", "device", "python", "torch", "lightning", "transformers", "platform", "load_1min"}
+    assert meta["machine"]["load_1min"] is None or meta["machine"]["load_1min"] >= 0
     with pytest.raises(ValueError, match="command"):
         stamp("", 1.0)
     with pytest.raises(ValueError, match="wall_s"):
@@ -124,3 +125,60 @@ def test_the_repository_pages_show_what_their_results_files_hold():
         if render_results.render(text, where=str(path)) != text:
             stale.append(str(path.relative_to(REPO)))
     assert not stale, f"pages differ from docs/results/ (run python scripts/render_results.py): {stale}"
+
+
+def test_markdown_table_renders_head_and_rows_and_refuses_a_ragged_row():
+    from eaft_pl.results import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | y |"
+    with pytest.raises(ValueError, match="a row has 1 cells, the head 2"):
+        markdown_table(["a", "b"], [[1]])
+
+
+def test_finish_prints_the_stamped_summary_last_and_writes_the_file(tmp_path, capsys):
+    import time
+
+    from eaft_pl.results import emit, finish
+
+    emit({"variant": "a", "seconds": 1.5})
+    meta = finish("scripts/bench_x.py", {"ratios": {"a_over_b": 0.5}}, time.perf_counter() - 2.0, tmp_path / "r.json", ["--out", "r.json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines[:1]] == [{"variant": "a", "seconds": 1.5}]  # one unit, one line
+    last = json.loads(lines[-1])
+    assert last["summary"] is True and last["ratios"] == {"a_over_b": 0.5} and last["meta"] == meta
+    assert meta["command"] == "python scripts/bench_x.py --out r.json" and meta["wall_s"] >= 2.0
+    assert read_results(tmp_path / "r.json") == {"meta": meta, "ratios": {"a_over_b": 0.5}}
+    finish("scripts/bench_x.py", {"r": 1}, time.perf_counter(), None, [])  # no --out: prints only
+    assert json.loads(capsys.readouterr().out)["r"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_every_benchmark_the_docs_show_has_its_producer_and_make_target():
+    """Each bench_* results file a page shows is written by its script's --out, which PRODUCERS and
+    `make benchmarks` both name, so the pages say which command refreshes their numbers."""
+    makefile = (REPO / "Makefile").read_text()
+    listed = re.search(r"^BENCHMARKS := (.+)$", makefile, re.M).group(1).split()
+    shown = {m for path in render_results.targets() for m in re.findall(r"<!-- results:(bench_[a-z_]+) ", path.read_text())}
+    assert shown, "no page shows a benchmark"
+    for name in sorted(shown):
+        assert render_results.PRODUCERS[name] == f"python scripts/{name}.py --out docs/results/{name}.json", name
+        assert name.removeprefix("bench_") in listed, f"`make benchmarks` does not run scripts/{name}.py"
+        assert "--out" in (REPO / "scripts" / f"{name}.py").read_text(), name
+
+
+def test_the_hf_cache_benchmark_writes_a_stamped_file_with_one_line_per_setup(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench_hf_cache.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "scripts/bench_hf_cache.py", "--rows", "40", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]  # every stdout line is JSON
+    assert [line.get("measure") for line in lines[:-1]] == ["hf_first_setup", "hf_cached_setup", "jsonl_setup"]
+    data = read_results(out)
+    assert data["meta"]["command"] == f"python scripts/bench_hf_cache.py --rows 40 --out {out}"
+    first, cached = (data["measures"][k]["seconds"] for k in ("hf_first_setup", "hf_cached_setup"))
+    assert data["ratios"]["cached_over_first"] == round(cached / first, 4)
+    assert {m["examples"] for m in data["measures"].values()} == {40}
