@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import REPO
-from eaft_pl.results import publish, read_results, stamp, write_results
+from eaft_pl.results import read_results, stamp, write_results
 
 spec = importlib.util.spec_from_file_location("render_results", REPO / "scripts" / "render_results.py")
 render_results = importlib.util.module_from_spec(spec)
@@ -44,15 +44,6 @@ def test_results_round_trip_and_refuse_a_file_without_a_stamp(tmp_path):
         read_results(path)
     with pytest.raises(FileNotFoundError):
         read_results(tmp_path / "missing.json")
-
-
-def test_publish_prints_stamps_and_writes_what_the_user_typed(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    printed = publish("scripts/x.py", ["--n", "a b"], {"value": 3}, started=0.0, out=out)
-    assert printed["meta"]["command"] == "python scripts/x.py --n 'a b'"
-    assert json.loads(capsys.readouterr().out) == printed == read_results(out)
-    publish("scripts/x.py", [], {"value": 4}, started=0.0, out=None)  # printed only
-    assert read_results(out)["value"] == 3
 
 
 def test_every_committed_results_file_is_stamped():
