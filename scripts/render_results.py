@@ -10,7 +10,7 @@ that is this same file, see mkdocs.yml ``hooks:``) writes the value a results fi
     base domain <!-- results:toyworld_demo rows/sft@0.001/base_domain/mean .1% -->18.3%<!-- /results -->
 
 The key is a ``/``-separated path into the JSON (``%20`` stands for a space in a part, since a space
-ends the key: ``acc_by_category/element%20symbol/acc``); an optional Python format spec follows it
+ends the key: ``acc_by_category/element%20symbol/acc``, and ``%2F`` for a slash: ``final/prose%2Fppl``); an optional Python format spec follows it
 (``.1%``, ``.0f``); the key ``stamp`` renders the file's ``meta`` (command, commit, date, machine,
 wall time) as one sentence. A missing key is an error, never an empty block. A missing file of
 :data:`PRODUCERS` (a long study not yet run for the current code) renders as a note naming the
@@ -80,7 +80,7 @@ def lookup(name: str, key: str, fmt: Optional[str], cache: Dict[str, Any]) -> st
     if key == "stamp":
         return describe_stamp(data["meta"])
     value: Any = data
-    for part in (p.replace("%20", " ") for p in key.split("/")):
+    for part in (p.replace("%20", " ").replace("%2F", "/") for p in key.split("/")):
         if isinstance(value, dict) and part in value:
             value = value[part]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):

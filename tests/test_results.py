@@ -56,7 +56,7 @@ def test_every_committed_results_file_is_stamped():
 
 
 def _fake_results(monkeypatch, tmp_path, value):
-    rows = {"sft@0.001": {"domain": {"mean": value}}, "element symbol": {"acc": 0.8}}
+    rows = {"sft@0.001": {"domain": {"mean": value}}, "element symbol": {"acc": 0.8}, "a/b": {"acc": 0.5}}
     write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": rows}, stamp("python d.py", 3.0))
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
 
@@ -77,6 +77,8 @@ def test_a_key_part_with_a_space_is_written_with_percent_20(monkeypatch, tmp_pat
     _fake_results(monkeypatch, tmp_path, 0.183)
     out = render_results.render("<!-- results:demo rows/element%20symbol/acc .2f -->?<!-- /results -->")
     assert out == "<!-- results:demo rows/element%20symbol/acc .2f -->0.80<!-- /results -->"
+    out = render_results.render("<!-- results:demo rows/a%2Fb/acc .2f -->?<!-- /results -->")  # a slash inside a key
+    assert out == "<!-- results:demo rows/a%2Fb/acc .2f -->0.50<!-- /results -->"
     assert render_results.render(out) == out  # filling twice changes nothing
 
 
