@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None, driver_args: Sequence[str] = ()) 
     args = [
         "--methods", "sft", "--lrs", *map(str, opts.lrs), "--seeds", *map(str, opts.seeds), "--steps", str(opts.steps),
         "--eval_every", str(opts.eval_every), "--out", opts.out, "--tracking_uri", opts.tracking_uri,
-        "--results", str(Path(opts.results).with_name(Path(opts.results).stem + "-runs.json")), *driver_args, *rest,
+        "--results", f"{opts.out}/pilot-runs.json", "--figures", f"{opts.out}/pilot-figures", *driver_args, *rest,
     ]  # fmt: skip
     summary = driver.main(args)
     table = {}
@@ -131,5 +131,5 @@ def main(argv: Optional[Sequence[str]] = None, driver_args: Sequence[str] = ()) 
     }
     meta = stamp(command_line("scripts/real_pilot.py", argv), time.time() - start)
     write_results(opts.results, result, meta)
-    print("\n" + text + f"\n\nresults: {opts.results}")
+    print("\n" + text + f"\n\nresults: {opts.results} (the runs' own summary and curves: {opts.out}/pilot-runs.json, {opts.out}/pilot-figures)")
     return {"meta": meta, **result}
