@@ -113,7 +113,9 @@ def main(argv: Optional[Sequence[str]] = None, driver_args: Sequence[str] = ()) 
     args = [
         "--methods", "sft", "--lrs", *map(str, opts.lrs), "--seeds", *map(str, opts.seeds), "--steps", str(opts.steps),
         "--eval_every", str(opts.eval_every), "--out", opts.out, "--tracking_uri", opts.tracking_uri,
-        "--results", f"{opts.out}/pilot-runs.json", "--figures", f"{opts.out}/pilot-figures", *driver_args, *rest,
+        "--results", f"{opts.out}/pilot-runs.json", "--figures", f"{opts.out}/pilot-figures",
+        "--analyze_examples", "0",  # the pilot reads forgetting only; the demo and the study analyse the base
+        *driver_args, *rest,
     ]  # fmt: skip
     summary = driver.main(args)
     table = {}
