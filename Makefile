@@ -70,15 +70,15 @@ quickstart: $(STAMP)
 	$(BIN)/eaft-pl fit --config configs/setup/quickstart.yaml --config configs/method/eaft.yaml
 	$(BIN)/eaft-pl runs --experiment quickstart --limit 2
 
-# The README's figures, from real runs: 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded
-# experiment (bases cached in outputs/toyworld) in their own MLflow store, the base analysed on the
+# The diagnostics page's figures, from real runs (their stamp: docs/results/toyworld_figures.json):
+# 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded experiment (bases cached in outputs/toyworld) in their own MLflow store, the base analysed on the
 # domain data, and the runs compared: 12 fine-tunes, plus a pretraining per base not yet cached.
 FIGURES := outputs/figures
 FIGURES_STORE := sqlite:///$(FIGURES)/mlflow.db
 figures: $(STAMP)
 	rm -rf $(FIGURES)
 	$(BIN)/python scripts/embedded_experiment.py --seeds 0 1 --methods sft eaft eaft2 --lrs 3e-4 1e-3 \
-		--tracking_uri $(FIGURES_STORE) --results $(FIGURES)/results.json
+		--tracking_uri $(FIGURES_STORE) --results docs/results/toyworld_figures.json --cohort_figure $(FIGURES)/cohort.png
 	$(BIN)/eaft-pl analyze --config configs/setup/toy_finetune.yaml --config configs/method/eaft.yaml \
 		--trainer.logger.init_args.tracking_uri=$(FIGURES_STORE) --trainer.logger.init_args.run_name=analyze-base-seed0 \
 		--output_dir $(FIGURES)/analyze --progress_bar false
@@ -87,6 +87,7 @@ figures: $(STAMP)
 	cp $(FIGURES)/analyze/plane.png docs/img/toyworld_plane.png
 	cp $(FIGURES)/analyze/gradient.png docs/img/toyworld_gradient.png
 	cp $(FIGURES)/compare/pareto.png docs/img/toyworld_pareto.png
+	$(BIN)/python scripts/render_results.py
 
 # The README's "Gate dynamics" numbers and figures: 3 seeds x SFT, EAFT, the base-model gates, FLOW,
 # SFT-KL and ASFT at lr 1e-3 and at 3e-4 (48 fine-tunes, bases cached in outputs/toyworld), then

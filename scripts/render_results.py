@@ -35,6 +35,7 @@ PRODUCERS = {
     "toyworld_demo": "make results",
     "toyworld_small": "make results",
     "toyworld_study": "make study",
+    "toyworld_figures": "make figures",
     "real_demo": "make real-results",
     "real_pilot": "make real-pilot",
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
