@@ -71,8 +71,9 @@ quickstart: $(STAMP)
 	$(BIN)/eaft-pl runs --experiment quickstart --limit 2
 
 # The diagnostics page's figures, from real runs (their stamp: docs/results/toyworld_figures.json):
-# 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded experiment (bases cached in outputs/toyworld) in their own MLflow store, the base analysed on the
-# domain data, and the runs compared: 12 fine-tunes, plus a pretraining per base not yet cached.
+# 2 seeds x SFT, EAFT, EAFT^2 x lr 3e-4, 1e-3 of the embedded experiment (bases cached in
+# outputs/toyworld) in their own MLflow store, the base analysed on the domain data, and the runs
+# compared: 12 fine-tunes, plus a pretraining per base not yet cached.
 FIGURES := outputs/figures
 FIGURES_STORE := sqlite:///$(FIGURES)/mlflow.db
 figures: $(STAMP)
