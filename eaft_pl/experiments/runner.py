@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 __all__ = [
-    "THREADS", "QUIET_LOGGERS", "run_cli", "quiet", "quiet_run", "mean_std", "ui_command", "cohort_curves", "cohort_figure",
+    "THREADS", "QUIET_LOGGERS", "add_run_options", "run_cli", "quiet", "quiet_run", "mean_std", "ui_command", "cohort_curves", "cohort_figure",
 ]  # fmt: skip
 
 #: The torch thread count of every run unless a driver's ``--threads`` says otherwise. The thread count
@@ -46,6 +46,16 @@ QUIET_WARNINGS = [
     r".*number of training batches .* is smaller than the logging interval.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's use of a deprecated torch API
 ]
+
+
+def add_run_options(ap: Any, out: str) -> None:
+    """The options every driver takes the same way: threads, output folder, MLflow store, results file
+    and verbosity (``out``: the default output folder)."""
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of every run (pinned: the count changes the numbers)")
+    ap.add_argument("--out", default=out, help="what the driver writes besides MLflow, and the default results file's folder")
+    ap.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db")
+    ap.add_argument("--results", default=None, help="results file (default <out>/results.json)")
+    ap.add_argument("--verbose", action="store_true", help="Lightning's own output: device banners, model summaries, progress bars")
 
 
 def run_cli(args: List[str], verbose: bool = False) -> Any:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from eaft_pl.experiments.realmodel.datamodule import DOMAINS
-from eaft_pl.experiments.runner import THREADS, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli, ui_command
+from eaft_pl.experiments.runner import add_run_options, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli, ui_command
 from eaft_pl.fileio import atomic_write
 from eaft_pl.results import command_line, stamp, write_results
 
@@ -325,12 +325,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a config override for every run and the analysis, as eaft-pl takes it without its dashes "
         "(e.g. trainer.precision=bf16-mixed, data.init_args.general_sizes='{\"n_facts\": 64}'); repeatable",
     )  # fmt: skip
-    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (pinned: the count changes the numbers)")
-    ap.add_argument("--out", default="outputs/realmodel", help="analyses, finished runs and the results file")
-    ap.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db")
-    ap.add_argument("--results", default=None, help="results file (default <out>/results.json)")
+    add_run_options(ap, out="outputs/realmodel")  # --threads, --out (analyses, finished runs), --tracking_uri, --results, --verbose
     ap.add_argument("--figures", default=None, help="folder of the curves and cohort figures (default: beside the results file)")
-    ap.add_argument("--verbose", action="store_true", help="Lightning's own output: device banners, model summaries, progress bars")
     return ap
 
 
@@ -361,9 +357,8 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
     start = time.time()
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     path = opts.results or f"{opts.out}/results.json"
-    began = time.time()
     folder = resolve_model_path(opts.model)  # converts a GGUF once (cached); a folder or hub id passes through
-    print(f"[model] {opts.model}: {folder} ({time.time() - began:.0f} s)", flush=True)
+    print(f"[model] {opts.model}: {folder} ({time.time() - start:.0f} s)", flush=True)
     analyses = {str(seed): analyze_base(opts, seed) for seed in opts.seeds if opts.analyze_examples > 0}
     runs: List[Dict[str, Any]] = []
     total = len(opts.seeds) * len(opts.lrs) * len(opts.methods)

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from eaft_pl.experiments.runner import THREADS, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli as _cli, ui_command
+from eaft_pl.experiments.runner import add_run_options, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli as _cli, ui_command
 from eaft_pl.results import command_line, stamp, write_results
 
 # Package data, so an installed wheel finds them: the world's two setups and the shared method overlays.
@@ -294,12 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--pretrain_steps", type=int, default=1500)
     ap.add_argument("--pretrain_examples", type=int, default=96000)
     ap.add_argument("--entities", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of every run (pinned: the count changes the numbers)")
-    ap.add_argument("--out", default="outputs/toyworld", help="bases, tokenizer and results")
-    ap.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db")
-    ap.add_argument("--results", default=None, help="results file (default <out>/results.json)")
+    add_run_options(ap, out="outputs/toyworld")  # --threads, --out (bases, tokenizer), --tracking_uri, --results, --verbose
     ap.add_argument("--cohort_figure", default=None, help="PNG of the conflict cohort's curves (default <results>-cohort-lr<lr>.png)")
-    ap.add_argument("--verbose", action="store_true", help="Lightning's own output: device banners, model summaries, progress bars")
     return ap
 
 
