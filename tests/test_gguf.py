@@ -445,7 +445,8 @@ def test_the_real_experiment_runs_resumes_and_reruns_what_changed(smollm2_cache,
     analysis = result["analysis"]["0"]
     for source in ("sft_data", "on_policy"):
         assert analysis[source]["tokens"] > 0 and 0 <= analysis[source]["conflict_share"] <= 1
-    for figure in [*analysis["figures"], "out/results-curves-lr0.0001.png", "out/results-cohort-lr0.0001.png"]:
+    assert set(result["paired"]) == {"eaft@0.0001"} and result["paired_table"] in printed  # EAFT against SFT, seed by seed
+    for figure in [*analysis["figures"], *(f"out/results-{name}-lr0.0001.png" for name in ("curves", "cohort", "pareto"))]:
         assert (tmp_path / figure).is_file(), figure
     # one line per unit of work, then the table, the files and the UI command; no Lightning banners
     assert "[1/2] sft lr=0.0001 seed 0" in printed and "[2/2] eaft lr=0.0001 seed 0" in printed

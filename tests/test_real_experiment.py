@@ -62,6 +62,31 @@ def test_the_table_has_the_paper_layout():
     assert lines[4].endswith("| 50.0 (+0.0) |")  # no forgetting is +0.0, a gain would be +
 
 
+def test_methods_are_compared_with_sft_seed_by_seed():
+    runs = [run("sft", 0, 0.5, 0.25), run("sft", 1, 0.7, 0.375), run("eaft", 0, 0.5, 0.5), run("eaft", 1, 0.6, 0.5), run("dft", 2, 0.1, 0.5)]
+    comparisons = driver.paired(runs)
+    eaft = comparisons["eaft@5e-05"]
+    assert eaft["seeds"] == [0, 1] and eaft["reference"] == "sft@5e-05"
+    # per seed: general +0.25 and +0.125, domain 0.0 and -0.1; the mean and spread of those differences
+    assert eaft["general"]["mean"] == pytest.approx(0.1875) and eaft["general"]["std"] == pytest.approx(0.0884, abs=1e-4)
+    assert eaft["domain"]["mean"] == pytest.approx(-0.05) and eaft["domain"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert eaft["agreement/kl"]["mean"] == pytest.approx(0.0)
+    # a method with no seed in common with SFT has nothing to be paired with; SFT is the reference, not a row
+    assert set(comparisons) == {"eaft@5e-05"}
+    table = driver.format_paired(comparisons).splitlines()
+    assert table[0] == "| method | lr | seeds | Domain − SFT | General avg − SFT | Prose ppl − SFT | KL to base − SFT |"
+    assert table[2] == "| eaft | 5e-05 | 2 | -5.0±7.1 | +18.8±8.8 | +0.00±0.00 | +0.000±0.000 |"
+    assert driver.format_paired({}) == ""
+
+
+def test_the_pareto_figure_has_a_point_per_method_and_the_base():
+    rows = driver.summarise([run("sft", 0, 0.5, 0.25), run("sft", 1, 0.7, 0.375), run("eaft", 0, 0.5, 0.5)])
+    ax = driver.pareto_figure(rows, 5e-5).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "sft" in labels and "eaft" in labels
+    assert any(t.get_text() == "base" for t in ax.texts)
+
+
 def test_the_conflict_line_contrasts_teacher_and_own_answers():
     analyses = {"0": {"sft_data": {"conflict_share": 0.2, "tokens": 100}, "on_policy": {"conflict_share": 0.01, "tokens": 90}}}
     line = driver.conflicts_line(analyses)
@@ -104,6 +129,23 @@ def test_bad_options_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         driver.main(["--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_the_study_takes_the_rates_and_length_from_the_pilots_results(tmp_path, capsys):
+    from eaft_pl.results import stamp, write_results
+
+    path = tmp_path / "pilot.json"
+    write_results(path, {"choice": {"lrs": [0.0003], "steps": 40, "first_step": {"0.0003": 40}}}, stamp("pilot", 1.0))
+    assert driver.pilot_choice(str(path)) == ([3e-4], 40)
+    with pytest.raises(SystemExit):  # both the pilot and a hand-picked rate: which one?
+        driver.main(["--pilot", str(path), "--lrs", "1e-4"])
+    assert "--pilot sets the learning rates and the length" in capsys.readouterr().err
+    write_results(path, {"choice": {"lrs": [], "steps": None}}, stamp("pilot", 1.0))
+    with pytest.raises(SystemExit, match="no learning rate at which SFT forgets measurably"):
+        driver.pilot_choice(str(path))
+    write_results(path, {"table": ""}, stamp("demo", 1.0))
+    with pytest.raises(SystemExit, match="has no pilot 'choice'"):
+        driver.pilot_choice(str(path))
 
 
 def test_the_pilot_finds_where_sft_forgets_beyond_the_seed_spread():

@@ -5,6 +5,7 @@ paper's Table 1 layout.
 
     python scripts/real_experiment.py                       # make real-demo: SFT and EAFT, one seed
     python scripts/real_experiment.py --methods sft eaft static_mask sft_kl dft --lrs 2e-5 5e-5 --seeds 0 1 2
+    python scripts/real_experiment.py --methods sft eaft --seeds 0 1 2 --pilot docs/results/real_pilot.json  # the pilot's rates and length
 
 Before any fine-tuning it runs ``eaft-pl analyze`` on the base: the confident-conflict shares of the
 teacher's answers against the base's own greedy answers to the same prompts (the paper's Fig. 1b).
@@ -29,12 +30,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from eaft_pl.experiments.realmodel.datamodule import DOMAINS
 from eaft_pl.experiments.runner import add_run_options, cohort_curves, cohort_figure, mean_std, quiet_run, run_cli, ui_command
 from eaft_pl.fileio import atomic_write
-from eaft_pl.results import command_line, stamp, write_results
+from eaft_pl.results import command_line, read_results, stamp, write_results
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SETUP = CONFIGS / "setup" / "smollm2_math.yaml"
@@ -58,7 +59,10 @@ CURVES = [
     ("agreement/kl", "general: KL(base || model) on the base's answers"),
 ]
 
-__all__ = ["main", "analyze_base", "finetune", "summarise", "format_table", "conflicts_line", "curves_figure", "run_key"]
+__all__ = [
+    "main", "analyze_base", "finetune", "summarise", "format_table", "paired", "format_paired", "conflicts_line", "curves_figure",
+    "pareto_figure", "pilot_choice", "run_key",
+]  # fmt: skip
 
 
 def _overrides(opts: argparse.Namespace, seed: int) -> List[str]:
@@ -234,6 +238,55 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return rows
 
 
+#: The paired differences against SFT: (a key of :func:`scores`, column, scale, digits).
+PAIRED_COLUMNS = [
+    ("domain", "Domain", 100.0, 1),
+    ("general", "General avg", 100.0, 1),
+    ("prose/ppl", "Prose ppl", 1.0, 2),
+    ("agreement/kl", "KL to base", 1.0, 3),
+]
+
+
+def paired(runs: List[Dict[str, Any]], reference: str = "sft") -> Dict[str, Any]:
+    """Per (method, lr) other than ``reference``: its final scores minus the reference method's at the
+    same learning rate and seed, as mean and std over the seeds both ran. A seed fixes the training
+    order, the held-out problems and the general items, and every method of a seed starts from the
+    same base, so the per-seed difference removes what the methods of a seed share (which items are
+    hard, which requests are held out); its spread is the comparison's own."""
+    final = {(r["method"], r["lr"], r["seed"]): scores(r["history"][-1]) for r in runs}
+    out: Dict[str, Any] = {}
+    for (method, lr, _seed) in final:
+        key = f"{method}@{lr:g}"
+        if method == reference or key in out:
+            continue
+        seeds = sorted(s for (m, l, s) in final if m == method and l == lr and (reference, lr, s) in final)
+        if not seeds:
+            continue
+        diffs = {
+            name: mean_std([final[(method, lr, s)][name] - final[(reference, lr, s)][name] for s in seeds])
+            for name, _, _, _ in PAIRED_COLUMNS
+            if all(name in final[(m, lr, s)] for s in seeds for m in (method, reference))
+        }
+        out[key] = {"method": method, "lr": lr, "reference": f"{reference}@{lr:g}", "seeds": seeds, **diffs}
+    return out
+
+
+def format_paired(comparisons: Dict[str, Any]) -> str:
+    """The paired differences against SFT as a table: each method's final score minus SFT's under the
+    same seed, mean±std over seeds (accuracies in points; positive means more than SFT)."""
+    if not comparisons:
+        return ""
+    head = ["method", "lr", "seeds"] + [f"{column} − SFT" for _, column, _, _ in PAIRED_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in comparisons.values():
+        cells = []
+        for name, _, scale, digits in PAIRED_COLUMNS:
+            stat = row.get(name)
+            cells.append("-" if stat is None else ("+" if stat["mean"] >= 0 else "") + _cell(stat, scale, digits))
+        lines.append("| " + " | ".join([row["method"], f"{row['lr']:g}", str(len(row["seeds"])), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _curves(members: List[Dict[str, Any]]) -> Dict[str, List[List[float]]]:
     """``<key of scores> -> [[step, mean, std], ...]`` over the seeds: the forgetting curves of every
     number of :func:`scores` (the figure draws :data:`CURVES`)."""
@@ -302,6 +355,25 @@ def curves_figure(rows: Dict[str, Any], lr: float) -> Any:
     return draw(panels, title=f"What each method learns and forgets (lr {lr:g})")
 
 
+def pareto_figure(rows: Dict[str, Any], lr: float) -> Any:
+    """Domain score against the general average at the end of training, one point per method at
+    learning rate ``lr`` (mean, with the std over seeds as error bars), and the base (the paper's
+    Fig. 5 on this model)."""
+    from eaft_pl.analysis.plots import pareto_figure as draw
+
+    chosen = [r for r in rows.values() if r["lr"] == lr]
+    points = [
+        {"label": r["method"], "x": 100 * r["final"]["general"]["mean"], "y": 100 * r["final"]["domain"]["mean"],
+         "xerr": 100 * r["final"]["general"]["std"], "yerr": 100 * r["final"]["domain"]["std"]}
+        for r in chosen
+    ]  # fmt: skip
+    base = chosen[0]["base"]
+    return draw(
+        points, base=(100 * base["general"]["mean"], 100 * base["domain"]["mean"]), x_label="general average (%)",
+        y_label="domain: held-out accuracy (%)", title=f"Domain against general skill after fine-tuning (lr {lr:g})",
+    )  # fmt: skip
+
+
 # ---- the command ----------------------------------------------------------------------------------
 
 
@@ -310,9 +382,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="short name, GGUF file or Hugging Face folder")
     ap.add_argument("--domain", choices=sorted(DOMAINS), default="tools", help="tools: the base never uses the call format, which a short run can teach; math: the base's arithmetic limits its score")
     ap.add_argument("--methods", nargs="+", default=["sft", "eaft"], help=f"any of {ALL_METHODS}")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4])
+    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates (default: 1e-4, or the pilot's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own problems, order and general items")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 40, or the pilot's)")
+    ap.add_argument(
+        "--pilot", default=None, metavar="RESULTS",
+        help="take the learning rates and the length from the pilot's results file (make real-pilot), not by hand",
+    )  # fmt: skip
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--eval_every", type=int, default=40, help="forgetting evaluation every N steps (and before the first, and at the end)")
     ap.add_argument("--cohort_every", type=int, default=10, help="conflict-cohort evaluation every N steps")
@@ -330,6 +406,16 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def pilot_choice(path: str) -> Tuple[List[float], int]:
+    """The learning rates and the number of steps the pilot's results file chose (its ``choice``)."""
+    choice = read_results(path).get("choice")
+    if not isinstance(choice, dict) or "lrs" not in choice or "steps" not in choice:
+        raise SystemExit(f"{path} has no pilot 'choice': write it with scripts/real_pilot.py (make real-pilot)")
+    if not choice["lrs"]:
+        raise SystemExit(f"{path}: the pilot found no learning rate at which SFT forgets measurably; pass --lrs and --steps yourself")
+    return [float(lr) for lr in choice["lrs"]], int(choice["steps"])
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the experiment (options: ``--help``) and return what it wrote to the results file."""
     ap = _parser()
@@ -340,6 +426,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     bad = [o for o in opts.override if "=" not in o or o.startswith("-")]
     if bad:
         ap.error(f"--override takes KEY=VALUE without leading dashes, got {bad}")
+    if opts.pilot is not None:
+        if opts.lrs is not None or opts.steps is not None:
+            ap.error("--pilot sets the learning rates and the length: leave out --lrs and --steps")
+        opts.lrs, opts.steps = pilot_choice(opts.pilot)
+    opts.lrs = [1e-4] if opts.lrs is None else opts.lrs
+    opts.steps = 40 if opts.steps is None else opts.steps
     for name in ("steps", "batch_size", "eval_every", "cohort_every", "n_train", "n_test", "threads"):
         if getattr(opts, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(opts, name)}")
@@ -374,12 +466,14 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
                     + (f"{run['wall_s']:.0f} s" if not run["cached"] else f"cached ({run['wall_s']:.0f} s when run)"),
                     flush=True,
                 )
-                rows = summarise(runs)
+                rows, comparisons = summarise(runs), paired(runs)
                 # Rewritten after every run: a grid stopped early still leaves the summary of what ran.
                 result = {
                     "settings": vars(opts),
                     "model_folder": folder,
                     "table": format_table(rows),
+                    "paired": comparisons,
+                    "paired_table": format_paired(comparisons),
                     "conflicts": conflicts_line(analyses) if analyses else "",
                     "analysis": analyses,
                     "rows": rows,
@@ -393,14 +487,17 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
     figures = [a["figures"][0] for a in analyses.values()]
     stem = str(Path(path).with_suffix("")) + "-" if opts.figures is None else f"{opts.figures}/"
     for lr in opts.lrs:
-        for name, figure in (("curves", curves_figure(rows, lr)), ("cohort", cohort_figure(rows, lr))):
+        for name, draw in (("curves", curves_figure), ("cohort", cohort_figure), ("pareto", pareto_figure)):
+            figure = draw(rows, lr)
             target = f"{stem}{name}-lr{lr:g}.png"
             save_figure(figure, target)
             figures.append(target)
     wall = time.time() - start
     meta = stamp(command, wall)
     write_results(path, result, meta)  # once more: the stamp's wall time now includes the figures
-    print("\n" + result["table"] + ("\n\n" + result["conflicts"] if result["conflicts"] else ""))
+    print("\n" + result["table"] + ("\n\n" + result["paired_table"] if result["paired_table"] else ""))
+    if result["conflicts"]:
+        print("\n" + result["conflicts"])
     print(f"\nresults: {path}\nfigures: {', '.join(figures)}")
     print(f"wall time: {wall:.0f} s (this sitting; all the runs and analyses took {result['compute_s']:.0f} s)")
     print(f"runs (MLflow experiment '{EXPERIMENT}'): {ui_command(opts.tracking_uri)}")

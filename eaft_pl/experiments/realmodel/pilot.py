@@ -5,8 +5,8 @@ forget measurably, that is, does its general score drop by several times the see
 
 An experiment in which SFT does not forget cannot show what EAFT keeps, and a length or learning rate
 picked by hand to make it so would be a hand-tuned result. The pilot fine-tunes SFT with the
-real-model driver (:mod:`eaft_pl.experiments.realmodel.driver`; its runs are cached in the same
-folder, so the study reuses them), reads every seed's general score at every evaluation, and applies
+real-model driver (:mod:`eaft_pl.experiments.realmodel.driver`; its runs are cached as the driver's
+are, so a rerun skips them), reads every seed's general score at every evaluation, and applies
 a stated rule (:func:`choose`): a setting forgets measurably at a step where the mean drop of the
 general average against the base is at least ``ratio`` times the standard deviation of that drop
 over seeds and at least ``min_drop``. The study takes the learning rates that do and the first step
