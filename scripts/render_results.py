@@ -86,8 +86,8 @@ def lookup(name: str, key: str, fmt: Optional[str], cache: Dict[str, Any]) -> st
     for part in (p.replace("%20", " ").replace("%2F", "/") for p in key.split("/")):
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]  # -1: the last, as a curve's final point
         else:
             raise KeyError(f"docs/results/{name}.json has no key {key!r} (stopped at {part!r})")
     if fmt:

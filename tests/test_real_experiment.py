@@ -44,6 +44,7 @@ def test_summary_means_and_spreads_over_seeds():
     assert sft["seeds"] == [0, 1]
     assert sft["final"]["domain"]["mean"] == pytest.approx(0.6) and sft["final"]["domain"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert sft["general_delta"]["mean"] == pytest.approx(((0.25 - 0.5) + (0.375 - 0.5)) / 2)
+    assert sft["drop_over_std"] == pytest.approx(0.1875 / 0.0884, abs=1e-3)  # the drop in seed spreads, as the pilot's rule reads it
     assert sft["base"]["general"]["mean"] == 0.5
     # forgetting curves: every evaluation step, mean over the seeds
     assert [p[0] for p in sft["curves"]["facts/acc"]] == [0, 10, 20]
@@ -55,10 +56,10 @@ def test_summary_means_and_spreads_over_seeds():
 def test_the_table_has_the_paper_layout():
     table = driver.format_table(driver.summarise([run("sft", 0, 0.5, 0.25), run("sft", 1, 0.7, 0.375), run("eaft", 0, 0.5, 0.5)]))
     lines = table.splitlines()
-    assert lines[0] == "| method | lr | Domain | Teacher style | Facts | Prose ppl | Agree | KL to base | General avg (Δ base) |"
+    assert lines[0] == "| method | lr | Domain | Teacher style | Facts | Prose ppl | Agree | Token agree | KL to base | General avg (Δ base) |"
     # the base row: the first row's seeds (the same base under every method of a seed)
-    assert lines[2] == "| base |  | 0.0±0.0 | 0.0±0.0 | 50.0±0.0 | 20.00±0.00 | 100.0±0.0 | 0.000±0.000 | 50.0±0.0 |"
-    assert lines[3] == "| sft | 5e-05 | 60.0±14.1 | 100.0±0.0 | 31.2±8.8 | 25.00±0.00 | 50.0±0.0 | 0.100±0.000 | 31.2±8.8 (-18.8±8.8) |"
+    assert lines[2] == "| base |  | 0.0±0.0 | 0.0±0.0 | 50.0±0.0 | 20.00±0.00 | 100.0±0.0 | 100.0±0.0 | 0.000±0.000 | 50.0±0.0 |"
+    assert lines[3] == "| sft | 5e-05 | 60.0±14.1 | 100.0±0.0 | 31.2±8.8 | 25.00±0.00 | 50.0±0.0 | 50.0±0.0 | 0.100±0.000 | 31.2±8.8 (-18.8±8.8) |"
     assert lines[4].endswith("| 50.0 (+0.0) |")  # no forgetting is +0.0, a gain would be +
 
 

@@ -56,7 +56,7 @@ def test_every_committed_results_file_is_stamped():
 
 
 def _fake_results(monkeypatch, tmp_path, value):
-    rows = {"sft@0.001": {"domain": {"mean": value}}, "element symbol": {"acc": 0.8}, "a/b": {"acc": 0.5}}
+    rows = {"sft@0.001": {"domain": {"mean": value}, "curve": [[0, 0.1], [20, 0.3]]}, "element symbol": {"acc": 0.8}, "a/b": {"acc": 0.5}}
     write_results(tmp_path / "demo.json", {"table": "| a |\n|---|\n| 1 |", "rows": rows}, stamp("python d.py", 3.0))
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
 
@@ -80,6 +80,11 @@ def test_a_key_part_with_a_space_is_written_with_percent_20(monkeypatch, tmp_pat
     out = render_results.render("<!-- results:demo rows/a%2Fb/acc .2f -->?<!-- /results -->")  # a slash inside a key
     assert out == "<!-- results:demo rows/a%2Fb/acc .2f -->0.50<!-- /results -->"
     assert render_results.render(out) == out  # filling twice changes nothing
+    # a list is indexed from the start or, negative, from the end (a curve's last point)
+    assert render_results.render("<!-- results:demo rows/sft@0.001/curve/-1/1 -->?<!-- /results -->").endswith("-->0.3<!-- /results -->")
+    assert render_results.render("<!-- results:demo rows/sft@0.001/curve/0/0 -->?<!-- /results -->").endswith("-->0<!-- /results -->")
+    with pytest.raises(SystemExit, match="stopped at '-3'"):
+        render_results.render("<!-- results:demo rows/sft@0.001/curve/-3/1 -->?<!-- /results -->")
 
 
 def test_a_missing_key_or_file_is_an_error_not_an_empty_block(monkeypatch, tmp_path):

@@ -48,7 +48,8 @@ GENERAL_COLUMNS = [
     ("facts", "acc", "Facts", 100.0),
     ("instructions", "acc", "Instructions", 100.0),
     ("prose", "ppl", "Prose ppl", 1.0),
-    ("agreement", "agree", "Agree", 100.0),
+    ("agreement", "agree", "Agree", 100.0),  # whole greedy answers as the base's: 0 once any token moves
+    ("agreement", "token_agree", "Token agree", 100.0),  # the base's answer tokens still the top-1 prediction
     ("agreement", "kl", "KL to base", 1.0),
 ]
 #: Forgetting-curve panels: (a key of :func:`scores`, title).
@@ -230,6 +231,9 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         row["final"] = {k: mean_std([f[k] for f in final]) for k in final[0]}
         row["base"] = {k: mean_std([b[k] for b in base]) for k in base[0]}
         row["general_delta"] = mean_std([f["general"] - b["general"] for b, f in zip(base, final)])
+        # The pilot's yardstick: how many seed spreads the general average's drop is (NaN without a spread).
+        spread = row["general_delta"]["std"]
+        row["drop_over_std"] = -row["general_delta"]["mean"] / spread if spread > 0 else float("nan")
         row["curves"] = _curves(members)
         row["cohort"] = cohort_curves(members)
         row["wall_s"] = mean_std([r["wall_s"] for r in members])
