@@ -462,6 +462,14 @@ def test_the_real_experiment_runs_resumes_and_reruns_what_changed(smollm2_cache,
     assert again["table"] == result["table"] and all(r["cached"] for r in again["runs"])
     assert len(client.search_runs([experiment])) == 3
 
+    # --summary_only runs nothing: the finished runs are summarised, the rest listed as missing
+    partial = driver.main([*args, "--methods", "sft", "eaft", "dft", "--summary_only"])
+    assert partial["missing"] == ["dft-lr0.0001-seed0"] and not partial["complete"] and partial["finished"] == 2
+    assert partial["table"] == result["table"] and "not run yet (1 of 3): dft-lr0.0001-seed0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no run of this grid has finished"):
+        driver.main([*args, "--methods", "dft", "--summary_only"])
+    assert len(client.search_runs([experiment])) == 3
+
     changed = driver.main([*args, "--steps", "1", "--eval_every", "1"])  # another recipe: run again
     assert not any(r["cached"] for r in changed["runs"])
     assert "[analyze] seed 0: cached" in capsys.readouterr().out  # the analysis does not depend on the length

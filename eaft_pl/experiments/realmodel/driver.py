@@ -13,7 +13,8 @@ teacher's answers against the base's own greedy answers to the same prompts (the
 Every run is an MLflow run (experiment ``realmodel``). Each finished run is also written to
 ``<out>/runs/<name>.json`` with a key of everything that determines it (the options, the setup and
 method configs): a rerun of the same command skips the runs it finds, so a grid can be completed over
-several sittings, and a changed option or config runs again. The summary (per method and learning
+several sittings, and a changed option or config runs again; ``--summary_only`` summarises the
+finished runs of a grid without running the rest. The summary (per method and learning
 rate: domain score, each general suite, the general average and its change against the base, the KL
 to the base, as mean and standard deviation over seeds; the conflict shares; the forgetting and cohort
 curves) is printed and written as a results file stamped with command, commit and machine
@@ -116,16 +117,20 @@ def _store(path: Path, key: str, result: Dict[str, Any]) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps({"key": key, "result": result})))
 
 
-def analyze_base(opts: argparse.Namespace, seed: int) -> Dict[str, Any]:
+def analyze_base(opts: argparse.Namespace, seed: int) -> Optional[Dict[str, Any]]:
     """``eaft-pl analyze`` of the base on ``analyze_examples`` teacher answers of the training split and
     on the base's own greedy answers to the same prompts; returns the shares of confident conflicts
-    (absolute and quantile rules), mean p and H, and where the figures are."""
+    (absolute and quantile rules), mean p and H, and where the figures are (``None`` under
+    ``--summary_only`` when it has not run)."""
     folder = Path(opts.out) / f"analyze-seed{seed}"
     key = run_key(opts, "analyze", seed, configs=[SETUP, METHODS / "eaft.yaml"], keyed=_KEYED_ANALYSIS)
     cached = _cached(folder / "record.json", key)
     if cached is not None:
         print(f"[analyze] seed {seed}: cached at {folder}", flush=True)
         return cached
+    if opts.summary_only:
+        print(f"[analyze] seed {seed}: not run yet", flush=True)
+        return None
     print(f"[analyze] seed {seed}: {opts.analyze_examples} teacher answers and the base's own ...", end=" ", flush=True)
     start = time.time()
     # analyze prints its own report; the driver prints one line and keeps the report in <folder>/report.md.
@@ -164,9 +169,9 @@ def _analysis_row(source: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def finetune(opts: argparse.Namespace, method: str, lr: float, seed: int) -> Dict[str, Any]:
+def finetune(opts: argparse.Namespace, method: str, lr: float, seed: int) -> Optional[Dict[str, Any]]:
     """One fine-tuning run (cached under ``<out>/runs``): the forgetting and cohort callbacks' histories,
-    the wall time and the MLflow run id."""
+    the wall time and the MLflow run id (``None`` under ``--summary_only`` when it has not run)."""
     from eaft_pl.evaluation import ForgettingCallback
     from eaft_pl.evaluation.cohort import ConflictCohortCallback
 
@@ -176,6 +181,8 @@ def finetune(opts: argparse.Namespace, method: str, lr: float, seed: int) -> Dic
     cached = _cached(path, key)
     if cached is not None:
         return {**cached, "cached": True}
+    if opts.summary_only:
+        return None
     start = time.time()
     cli = run_cli(
         ["fit", "--config", str(SETUP), "--config", str(METHODS / f"{method}.yaml"), *_overrides(opts, seed),
@@ -406,6 +413,10 @@ def _parser() -> argparse.ArgumentParser:
         "(e.g. trainer.precision=bf16-mixed, data.init_args.general_sizes='{\"n_facts\": 64}'); repeatable",
     )  # fmt: skip
     add_run_options(ap, out="outputs/realmodel")  # --threads, --out (analyses, finished runs), --tracking_uri, --results, --verbose
+    ap.add_argument(
+        "--summary_only", action="store_true",
+        help="run nothing: summarise the runs of this grid that have finished (the results file lists the missing ones)",
+    )  # fmt: skip
     ap.add_argument("--figures", default=None, help="folder of the curves and cohort figures (default: beside the results file)")
     return ap
 
@@ -455,17 +466,24 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
     path = opts.results or f"{opts.out}/results.json"
     folder = resolve_model_path(opts.model)  # converts a GGUF once (cached); a folder or hub id passes through
     print(f"[model] {opts.model}: {folder} ({time.time() - start:.0f} s)", flush=True)
-    analyses = {str(seed): analyze_base(opts, seed) for seed in opts.seeds if opts.analyze_examples > 0}
+    found = {str(seed): analyze_base(opts, seed) for seed in opts.seeds if opts.analyze_examples > 0}
+    analyses = {seed: a for seed, a in found.items() if a is not None}
     runs: List[Dict[str, Any]] = []
+    missing: List[str] = []
     total = len(opts.seeds) * len(opts.lrs) * len(opts.methods)
+    result: Dict[str, Any] = {}
     for seed in opts.seeds:
         for lr in opts.lrs:
             for method in opts.methods:
                 run = finetune(opts, method, lr, seed)
+                if run is None:  # --summary_only: not run yet
+                    missing.append(f"{method}-lr{lr:g}-seed{seed}")
+                    print(f"[{len(runs) + len(missing)}/{total}] {method} lr={lr:g} seed {seed}: not run yet", flush=True)
+                    continue
                 runs.append(run)
                 final, base = scores(run["history"][-1]), scores(run["history"][0])
                 print(
-                    f"[{len(runs)}/{total}] {method} lr={lr:g} seed {seed}: domain {final['domain']:.1%} (base {base['domain']:.1%}), "
+                    f"[{len(runs) + len(missing)}/{total}] {method} lr={lr:g} seed {seed}: domain {final['domain']:.1%} (base {base['domain']:.1%}), "
                     f"general {final['general']:.1%} (base {base['general']:.1%}), "
                     + (f"{run['wall_s']:.0f} s" if not run["cached"] else f"cached ({run['wall_s']:.0f} s when run)"),
                     flush=True,
@@ -484,13 +502,19 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
                     "runs": [{k: r[k] for k in ("name", "run_id", "wall_s", "cached")} for r in runs],
                     "compute_s": sum(r["wall_s"] for r in runs) + sum(a["wall_s"] for a in analyses.values()),
                     "complete": len(runs) == total,
+                    "finished": len(runs),
+                    "planned": total,
+                    "missing": list(missing),
                 }
                 write_results(path, result, stamp(command, time.time() - start))
+    if not runs:
+        raise SystemExit(f"no run of this grid has finished under {opts.out}/runs: run it without --summary_only")
+    result["missing"] = list(missing)  # --summary_only: with those after the last finished run
     from eaft_pl.analysis.plots import save_figure
 
     figures = [a["figures"][0] for a in analyses.values()]
     stem = str(Path(path).with_suffix("")) + "-" if opts.figures is None else f"{opts.figures}/"
-    for lr in opts.lrs:
+    for lr in [lr for lr in opts.lrs if any(row["lr"] == lr for row in rows.values())]:
         for name, draw in (("curves", curves_figure), ("cohort", cohort_figure), ("pareto", pareto_figure)):
             figure = draw(rows, lr)
             target = f"{stem}{name}-lr{lr:g}.png"
@@ -504,5 +528,7 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
         print("\n" + result["conflicts"])
     print(f"\nresults: {path}\nfigures: {', '.join(figures)}")
     print(f"wall time: {wall:.0f} s (this sitting; all the runs and analyses took {result['compute_s']:.0f} s)")
+    if missing:
+        print(f"not run yet ({len(missing)} of {total}): {', '.join(missing)}; the same command without --summary_only runs them")
     print(f"runs (MLflow experiment '{EXPERIMENT}'): {ui_command(opts.tracking_uri)}")
     return {"meta": meta, **result}
