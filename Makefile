@@ -152,8 +152,10 @@ real-pilot: smollm2
 
 # The study on the real model (docs/real-model-study.md): SFT, EAFT, the static conflict mask, SFT-KL and DFT
 # at the pilot's learning rates and length (read from its results file, not typed here), seeds 0-2, evaluated
-# every 20 steps: 15 runs of about 9 minutes on 2 cores. Each finished run is kept under
-# outputs/results/realstudy, so the study can be stopped and completed over several sittings.
+# every 20 steps: 15 runs, about 3.5 hours on 2 cores (9-10 minutes a run for SFT, EAFT and DFT, 13 for SFT-KL,
+# 28 for the static mask, whose reference pass scores the whole training split first). Each finished run is
+# kept under outputs/results/realstudy, so the study can be stopped and completed over several sittings;
+# add --summary_only to the command to summarise the finished runs without running the rest.
 real-study: smollm2
 	$(BIN)/python scripts/real_experiment.py --methods sft eaft static_mask sft_kl dft --pilot docs/results/real_pilot.json \
 		--seeds 0 1 2 --eval_every 20 --out outputs/results/realstudy --tracking_uri sqlite:///outputs/results/mlflow.db \
