@@ -169,13 +169,18 @@ def _analysis_row(source: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def run_name(method: str, lr: float, seed: int) -> str:
+    """A run's name: its MLflow run name and its cache file's stem under ``<out>/runs``."""
+    return f"{method}-lr{lr:g}-seed{seed}"
+
+
 def finetune(opts: argparse.Namespace, method: str, lr: float, seed: int) -> Optional[Dict[str, Any]]:
     """One fine-tuning run (cached under ``<out>/runs``): the forgetting and cohort callbacks' histories,
     the wall time and the MLflow run id (``None`` under ``--summary_only`` when it has not run)."""
     from eaft_pl.evaluation import ForgettingCallback
     from eaft_pl.evaluation.cohort import ConflictCohortCallback
 
-    name = f"{method}-lr{lr:g}-seed{seed}"
+    name = run_name(method, lr, seed)
     path = Path(opts.out) / "runs" / f"{name}.json"
     key = run_key(opts, method, lr, seed, configs=[SETUP, METHODS / f"{method}.yaml"])
     cached = _cached(path, key)
@@ -477,7 +482,7 @@ def _run(opts: argparse.Namespace, command: str) -> Dict[str, Any]:
             for method in opts.methods:
                 run = finetune(opts, method, lr, seed)
                 if run is None:  # --summary_only: not run yet
-                    missing.append(f"{method}-lr{lr:g}-seed{seed}")
+                    missing.append(run_name(method, lr, seed))
                     print(f"[{len(runs) + len(missing)}/{total}] {method} lr={lr:g} seed {seed}: not run yet", flush=True)
                     continue
                 runs.append(run)
