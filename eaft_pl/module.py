@@ -21,6 +21,7 @@ from eaft_pl.loss.metrics import TokenStatsMetric
 from eaft_pl.loss.reference_gates import FLOWGate
 from eaft_pl.loss.stats import TokenStats
 from eaft_pl.models.loading import build_causal_lm, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from eaft_pl.models.templates import resolve_chat_template
 from eaft_pl.progress import trainer_progress
 from eaft_pl.reference import ReferenceTable, frozen_copy, frozen_reference, reference_for_datamodule, token_kl
 from eaft_pl.training.adapter_checkpoints import ADAPTER_ONLY_KEY, drop_frozen_base, restore_frozen_base
@@ -33,6 +34,8 @@ from eaft_pl.training.options import check_module_options, check_strategy_option
 
 # warmup_cosine and ADAPTER_ONLY_KEY lived here before training/optim.py and adapter_checkpoints.py.
 __all__ = ["EAFTModule", "warmup_cosine", "ADAPTER_ONLY_KEY"]
+
+KEY_CHAT_TEMPLATE = "model.init_args.chat_template"
 
 
 class EAFTModule(pl.LightningModule):
@@ -111,7 +114,8 @@ class EAFTModule(pl.LightningModule):
             advances), counted and logged as ``train/skipped_steps``; once more than this many were
             skipped, training stops with an error naming the step and batch. 0 stops at the first.
             Under fp16 with a GradScaler, inf gradients are the scaler's to skip and are not counted.
-        chat_template: A Jinja chat template for the module's own tokenizer, which the forgetting
+        chat_template: A chat template for the module's own tokenizer (a Jinja template, or ``chatml`` or
+            ``gemma``, :mod:`eaft_pl.models.templates`), which the forgetting
             callback's tasks use to render their prompts (``chat_prompt_ids``). ``None`` (default) takes
             the DataModule's ``data.init_args.chat_template`` when the trainer has one, so that the
             evaluation prompts are rendered as the training data was, and else keeps the tokenizer's
@@ -158,6 +162,7 @@ class EAFTModule(pl.LightningModule):
             chunk_size=chunk_size, reference_source=reference_source, reference_kl_coef=reference_kl_coef,
             reference_kl_direction=reference_kl_direction, max_skipped_steps=max_skipped_steps,
         )  # fmt: skip
+        resolve_chat_template(chat_template, KEY_CHAT_TEMPLATE)  # a misspelt name fails here, not at fit
         lora_options = LoRAOptions.from_value(lora)  # a mapping (the CLI's, a checkpoint's), LoRAOptions or LoraConfig
         lora = lora_options.to_dict() if lora_options is not None else None
         # hparams keep the plain mapping: checkpoints load with torch.load(weights_only=True), which
@@ -305,9 +310,10 @@ class EAFTModule(pl.LightningModule):
             ValueError: both are set and differ: the evaluation prompts would be rendered unlike the
                 training data.
         """
-        own = self.hparams.get("chat_template")  # checkpoints written before the option lack it
+        # hparams keep the option as given (a name stays a name); checkpoints written before it lack it.
+        own = resolve_chat_template(self.hparams.get("chat_template"), KEY_CHAT_TEMPLATE)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        data = getattr(datamodule, "chat_template", None)
+        data = getattr(datamodule, "chat_template", None)  # resolved by the DataModule
         if own is not None and data is not None and own != data:
             raise ValueError(
                 "model.init_args.chat_template and data.init_args.chat_template differ: the forgetting tasks' prompts "

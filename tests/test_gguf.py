@@ -367,6 +367,26 @@ def test_gemma3_270m_converts_to_the_same_logits_without_a_chat_template(tmp_pat
     assert json.loads((tmp_path / "cache" / result["folder"] / gg.MARKER).read_text())["chat_template"] is False
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EAFT_TEST_GEMMA") != "1", reason="opt-in (EAFT_TEST_GEMMA=1): a 238 MB package, minutes")
+def test_gemma3_270m_reads_chats_through_the_built_in_gemma_template(tmp_path):
+    """The template a pretrained Gemma needs, by name: its turn markers are single special tokens of the
+    real vocabulary, the answer and its <end_of_turn> are supervised, and generation stops there."""
+    from eaft_pl.data.chat import end_of_turn_ids
+    from eaft_pl.data.jsonl import ChatJsonlDataModule
+
+    train = tmp_path / "train.jsonl"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]
+    train.write_text(json.dumps({"messages": chat}) + "\n")
+    dm = ChatJsonlDataModule(train_file=str(train), tokenizer_name_or_path="gemma3-270m", chat_template="gemma")
+    dm.setup("fit")
+    (example,) = dm.datasets["train"]
+    tok = dm.tokenizer
+    assert tok.convert_ids_to_tokens(example.input_ids[:4]) == ["<bos>", "<start_of_turn>", "user", "\n"]
+    assert tok.decode([t for t in example.labels if t != -100]) == "Hello there<end_of_turn>\n"
+    assert end_of_turn_ids(tok) == sorted(tok.convert_tokens_to_ids(["<eos>", "<end_of_turn>"]))
+
+
 def test_a_short_fit_of_the_real_model_logs_its_metrics_and_forgetting(smollm2_cache, tmp_path, monkeypatch):
     """The shipped real-model setup end to end on SmolLM2 (2 EAFT steps on a handful of problems):
     the loss statistics, the cohort, and the forgetting callback's scores of the base (step 0) and

@@ -34,7 +34,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from torch import Tensor
 
-from eaft_pl.data.chat import DataError, EncodedExample, batch_to, collate, pad_token_id
+from eaft_pl.data.chat import DataError, EncodedExample, batch_to, collate, pad_token_id, special_token_ids
 from eaft_pl.analysis.statistics import PlaneAccumulator, PlaneGrid, conflict_shares, top_counts, weight_summary
 from eaft_pl.fileio import atomic_write
 from eaft_pl.loss.stats import IGNORE_INDEX, token_statistics
@@ -183,12 +183,7 @@ def stop_token_ids(tokenizer: Any, examples: List[EncodedExample]) -> List[int]:
     i.e. the special tokens (pad excepted) that the data's supervised answers contain, such as
     ``<|im_end|>`` or ``<|eot_id|>``. Many chat models' eos (``<|endoftext|>``) is not the token that
     ends an assistant turn, so stopping at eos alone would run every answer on into a new turn."""
-    pad = pad_token_id(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", None) or [])
-    # Chat markers are often added tokens flagged special without a named role (eos, pad, ...).
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    special |= {i for i, t in added.items() if getattr(t, "special", False)}
-    special.discard(pad)
+    special = special_token_ids(tokenizer) - {pad_token_id(tokenizer)}
     ids = {y for ex in examples for y in ex.labels if y != IGNORE_INDEX and y in special}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

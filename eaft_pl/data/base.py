@@ -23,6 +23,7 @@ from eaft_pl.data.chat import (
 from eaft_pl.data.packing import collate_packed, pack_examples, packing_stats
 from eaft_pl.data.sampling import ResumableSampler
 from eaft_pl.models.loading import load_tokenizer
+from eaft_pl.models.templates import resolve_chat_template
 
 __all__ = ["ChatDataModule"]
 
@@ -44,8 +45,9 @@ class ChatDataModule(pl.LightningDataModule):
         batch_size: Micro-batch size per device for training.
         eval_batch_size: Micro-batch size for validation/test; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
-        chat_template: A Jinja chat template that replaces the tokenizer's own (needed when the
-            tokenizer has none).
+        chat_template: A chat template that replaces the tokenizer's own (needed when the tokenizer
+            has none, as a pretrained model's): a Jinja template, or the name of a built-in one,
+            ``chatml`` or ``gemma`` (:mod:`eaft_pl.models.templates`).
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (8 helps tensor cores).
         trust_remote_code: Allow the tokenizer's own Python code from its folder/hub repo to run.
         packing: Pack several training conversations into each row of up to ``max_length`` tokens
@@ -82,7 +84,8 @@ class ChatDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.chat_template = chat_template
+        #: The Jinja template (a name given is resolved here), or None for the tokenizer's own.
+        self.chat_template = resolve_chat_template(chat_template, "data.init_args.chat_template")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.trust_remote_code = trust_remote_code
         self.packing = packing
@@ -124,13 +127,16 @@ class ChatDataModule(pl.LightningDataModule):
             raise DataError(
                 f"the tokenizer at {self.tokenizer_name_or_path!r} has no chat template (pretrained, not "
                 "instruction-tuned models such as gemma3-270m ship none); set data.init_args.chat_template to a "
-                "Jinja template"
+                "Jinja template or a built-in one's name (chatml, gemma)"
             )
         if not getattr(tok, "is_fast", False):
             raise DataError(
                 f"the tokenizer at {self.tokenizer_name_or_path!r} is not a fast tokenizer; eaft-pl needs "
                 "character offsets to find assistant tokens (save it with a tokenizer.json)"
             )
+        if self.chat_template is not None:
+            # The tokenizer then renders as the data was rendered, for whatever else reads it (generation).
+            tok.chat_template = self.chat_template
         self.tokenizer = tok
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ __all__ = [
     "collate",
     "padded_batch",
     "pad_token_id",
+    "special_token_ids",
+    "end_of_turn_ids",
 ]
 
 
@@ -258,6 +260,32 @@ def pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def special_token_ids(tokenizer: Any) -> Set[int]:
+    """The tokenizer's special tokens: those with a named role (eos, pad, ...) and the added tokens
+    flagged special, as chat markers (``<|im_end|>``, ``<end_of_turn>``) often are without a role."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return special | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def end_of_turn_ids(tokenizer: Any) -> List[int]:
+    """The tokens that end a generated answer: eos, and the special tokens the chat template writes
+    right after an assistant turn's content (``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``).
+
+    The turn's end is not always eos: Gemma's is ``<end_of_turn>`` while its eos is ``<eos>``, so a model
+    stopped at eos alone would run on into a new turn it invents. The template is asked by rendering a
+    one-exchange conversation with and without the answer."""
+    ids = {tokenizer.eos_token_id} - {None}
+    if getattr(tokenizer, "chat_template", None):
+        question = [{"role": "user", "content": "?"}]
+        prompt = tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": "!"}], tokenize=False)
+        if full.startswith(prompt + "!"):  # prefix-stable, as the training data's templates must be
+            after = tokenizer(full[len(prompt) + 1 :], add_special_tokens=False)["input_ids"]
+            ids |= set(after) & special_token_ids(tokenizer)
+    return sorted(ids)
 
 
 def padded_batch(lengths: Sequence[int], pad_token_id: int, pad_to_multiple_of: Optional[int] = None) -> Tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from eaft_pl.data.chat import Conversation, EncodedExample, batch_to, collate, encode_conversation, pad_token_id
+from eaft_pl.data.chat import Conversation, EncodedExample, batch_to, collate, encode_conversation, end_of_turn_ids, pad_token_id
 from eaft_pl.evaluation.scorers import Scorer
 from eaft_pl.loss.stats import token_statistics
 
@@ -154,19 +154,20 @@ class GenerationTask:
         prompts = [item["prompt"] for item in self.items]
         systems = [item.get("system") for item in self.items]
         answers = greedy_answers(model, tokenizer, prompts, self.max_new_tokens, batch_size, systems=systems)
-        return [normalise(tokenizer.decode(_without_eos(row, tokenizer), skip_special_tokens=True)) for row in answers]
+        stops = end_of_turn_ids(tokenizer)
+        return [normalise(tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True)) for row in answers]
 
 
-def _without_eos(ids: List[int], tokenizer: Any) -> List[int]:
-    """``ids`` up to (not including) the first end-of-sequence token."""
-    eos = tokenizer.eos_token_id
-    return ids[: ids.index(eos)] if eos in ids else ids
+def _until_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
+    """``ids`` up to (not including) the first stop token (:func:`eaft_pl.data.chat.end_of_turn_ids`)."""
+    ends = [i for i, token in enumerate(ids) if token in stops]
+    return ids[: ends[0]] if ends else ids
 
 
 def decode_answer(tokenizer: Any, ids: List[int]) -> str:
-    """The text of a greedy answer from :func:`greedy_answers`, its end-of-sequence token dropped and
+    """The text of a greedy answer from :func:`greedy_answers`, its end-of-turn token dropped and
     its whitespace kept (line breaks matter to format checks)."""
-    return tokenizer.decode(_without_eos(ids, tokenizer), skip_special_tokens=True).strip()
+    return tokenizer.decode(_until_stop(ids, end_of_turn_ids(tokenizer)), skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
@@ -182,8 +183,9 @@ def greedy_answers(
     ``systems`` where one is given), batched with left padding.
 
     Returns:
-        Each prompt's generated token ids, up to and including the first end-of-sequence token (an
-        answer cut by ``max_new_tokens`` has none). Padding after the end is dropped.
+        Each prompt's generated token ids, up to and including the first end-of-turn or end-of-sequence
+        token (:func:`eaft_pl.data.chat.end_of_turn_ids`; an answer cut by ``max_new_tokens`` has none).
+        Padding after the end is dropped.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -191,7 +193,7 @@ def greedy_answers(
         raise ValueError(f"greedy_answers: {len(systems)} system prompts for {len(prompts)} prompts")
     turns = list(zip(prompts, systems if systems is not None else [None] * len(prompts)))
     device = next(model.parameters()).device
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+    pad, stops = pad_token_id(tokenizer), end_of_turn_ids(tokenizer)
     answers: List[List[int]] = []
     for chunk in _batches(turns, batch_size):
         encoded = [chat_prompt_ids(tokenizer, prompt, system) for prompt, system in chunk]
@@ -205,10 +207,10 @@ def greedy_answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=eos,
+            eos_token_id=stops or None,
         )
         for row in generated[:, length:].tolist():
-            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+            answers.append(row[: len(_until_stop(row, stops)) + 1])  # with its stop token (if any), not the padding after
     return answers
 
 

@@ -17,17 +17,11 @@ from typing import Any, Optional
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
+from eaft_pl.models.templates import CHATML_TEMPLATE
+
 __all__ = ["CHATML_TEMPLATE", "SPECIAL_TOKENS", "build_char_tokenizer"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-
-# ChatML, as Qwen writes it, minus the default system prompt.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def build_char_tokenizer(chat_template: Optional[str] = CHATML_TEMPLATE) -> Any:
