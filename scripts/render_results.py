@@ -39,6 +39,7 @@ PRODUCERS = {
     "real_demo": "make real-results",
     "real_pilot": "make real-pilot",
     "real_study": "make real-study",
+    "real_gemma": "make real-gemma",
     "bench_hf_memory": "python scripts/bench_hf_memory.py --out docs/results/bench_hf_memory.json",
     "bench_loss": "python scripts/bench_loss.py --out docs/results/bench_loss.json",
     "bench_step": "python scripts/bench_step.py --out docs/results/bench_step.json",
