@@ -168,7 +168,8 @@ real-study: smollm2
 # name (it ships no chat template), the loss chunked over 64 tokens at a time (the full logits of a batch would
 # be several GB), the analysis of the teacher's answers and two short EAFT fine-tunes on the same tool-call
 # data, at the SmolLM2 study's rate and at a tenth of it. Batches and evaluation sets are smaller than the
-# study's: a Gemma step costs several SmolLM2 steps on 2 cores. About 50 minutes (20 a run, 10 the analysis).
+# study's: a Gemma step costs several SmolLM2 steps on 2 cores. About 50 minutes as measured with the cores
+# shared (about 20 a run, 10 the analysis).
 real-gemma: real-models
 	$(BIN)/python scripts/real_experiment.py --model gemma3-270m --methods eaft --lrs 3e-5 3e-4 --seeds 0 --steps 10 \
 		--batch_size 2 --eval_every 10 --cohort_every 5 --n_test 16 --analyze_examples 16 \

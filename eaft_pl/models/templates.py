@@ -9,7 +9,7 @@ with it and supervises the assistant turns it finds. ``data.init_args.chat_templ
 - ``chatml``: ``<|im_start|>role`` ... ``<|im_end|>`` turns (SmolLM2, Qwen), no default system prompt.
 - ``gemma``: Gemma's ``<start_of_turn>user`` / ``<start_of_turn>model`` ... ``<end_of_turn>`` turns, with
   the ``<bos>`` token first. Gemma has no system role: a system message becomes the opening paragraph of
-  the first user turn, as Gemma's instruction-tuned models were trained.
+  the first user turn, as the instruction-tuned Gemma models' own template does.
 
 Both are prefix-stable (rendering the first turns of a conversation gives a prefix of the whole one),
 which is how :func:`eaft_pl.data.chat.assistant_char_spans` locates the assistant's tokens; an assistant
