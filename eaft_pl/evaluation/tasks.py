@@ -154,8 +154,8 @@ class GenerationTask:
         prompts = [item["prompt"] for item in self.items]
         systems = [item.get("system") for item in self.items]
         answers = greedy_answers(model, tokenizer, prompts, self.max_new_tokens, batch_size, systems=systems)
-        stops = end_of_turn_ids(tokenizer)
-        return [normalise(tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True)) for row in answers]
+        # Each answer already ends at its first stop token, a special token that decoding skips.
+        return [normalise(tokenizer.decode(row, skip_special_tokens=True)) for row in answers]
 
 
 def _until_stop(ids: List[int], stops: Sequence[int]) -> List[int]:
